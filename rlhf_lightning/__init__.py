@@ -1,0 +1,11 @@
+"""rlhf_lightning: RLHF (SFT, reward models, PPO over Ray, the DPO family) as PyTorch Lightning modules."""
+
+import os
+
+import torch
+
+# DeepSpeed picks its accelerator when it is first imported; without a GPU it must be told to use the CPU one.
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+__version__ = "0.1.0"

@@ -1,0 +1,50 @@
+"""Supervised fine-tuning: next-token NLL on the response tokens only.
+
+    python -m rlhf_lightning fit --config configs/tiny/sft.yaml
+
+To try another loss, subclass :class:`SFT` and override :meth:`SFT.compute_loss` (see
+``examples/custom_sft_loss.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import MeanMetric
+
+from rlhf_lightning.algorithms.base import RLHFModule
+from rlhf_lightning.losses import IGNORE_INDEX, sft_nll, shift_labels
+
+
+class SFT(RLHFModule):
+    """Supervised fine-tuning of a causal LM (all arguments: see :class:`RLHFModule`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_loss = MeanMetric()
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss from next-token ``logits`` (B, T, V) and aligned ``labels`` (B, T, -100 = ignore)."""
+        return sft_nll(logits, labels)
+
+    def _common_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = shift_labels(batch["labels"])
+        return self.compute_loss(logits, labels), (labels != IGNORE_INDEX).sum()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, n_targets = self._common_step(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        self.log("train/response_tokens", n_targets.float(), reduce_fx="sum")
+        self.log_throughput(batch["attention_mask"].sum(), batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, n_targets = self._common_step(batch)
+        self.val_loss.update(loss, weight=n_targets)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # token-weighted mean, synced across ranks
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss))

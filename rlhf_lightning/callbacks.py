@@ -1,0 +1,80 @@
+"""Lightning callbacks for side concerns: Hugging Face export (consolidated from ZeRO shards)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+log = logging.getLogger(__name__)
+
+
+def gather_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Full state dict of ``module`` on CPU at ``rank`` 0 (empty elsewhere), gathering ZeRO-3 partitions one
+    parameter at a time so peak memory stays at one parameter beyond the CPU copy. Call on every rank."""
+    state: dict[str, torch.Tensor] = {}
+    zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
+    if zero3:
+        import deepspeed
+
+    for name, param in module.named_parameters():
+        if zero3:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if rank == 0:
+                    state[name] = param.detach().cpu().clone()
+        elif rank == 0:
+            state[name] = param.detach().cpu().clone()
+    if rank == 0:
+        for name, buffer in module.named_buffers():
+            if name in module.state_dict():  # persistent buffers only
+                state[name] = buffer.detach().cpu().clone()
+    return state
+
+
+def export_hf(model: torch.nn.Module, tokenizer: object | None, directory: str | Path, rank: int) -> None:
+    """Write ``save_pretrained`` weights (+ tokenizer) that plain ``transformers`` can load. Call on every rank."""
+    state = gather_state_dict(model, rank)
+    if rank == 0:
+        directory = Path(directory)
+        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        rank_zero_info(f"Exported Hugging Face model to {directory}")
+
+
+class HFExport(Callback):
+    """Export the module's ``model`` (and ``tokenizer``) with ``save_pretrained``.
+
+    Args:
+        dirpath: output directory; periodic exports go to ``dirpath/step-<N>``, the final one to ``dirpath``.
+        every_n_steps: export every N optimizer steps (0 = only at the end).
+        at_end: export when training ends.
+        attribute: the module attribute holding the Hugging Face model (e.g. ``critic`` for PPO's value model).
+    """
+
+    def __init__(self, dirpath: str = "outputs/hf", every_n_steps: int = 0, at_end: bool = True,
+                 attribute: str = "model") -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.at_end = at_end
+        self.attribute = attribute
+        self._last_exported_step = -1
+
+    def _export(self, trainer: pl.Trainer, module: pl.LightningModule, directory: Path) -> None:
+        model = getattr(module, self.attribute)
+        export_hf(model, getattr(module, "tokenizer", None), directory, trainer.global_rank)
+        self._last_exported_step = trainer.global_step
+        trainer.strategy.barrier()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_exported_step:
+            self._export(trainer, module, self.dirpath / f"step-{step}")
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.at_end:
+            self._export(trainer, module, self.dirpath)

@@ -1,0 +1,127 @@
+"""Load Hugging Face causal LMs and tokenizers by hub id, local directory or the bundled ``tiny-llama`` preset.
+
+Everything that builds a model goes through :func:`load_causal_lm` so dtype, attention kernel, gradient
+checkpointing and ``trust_remote_code`` behave the same in every algorithm. Modules call it from
+``configure_model`` (never ``__init__``): under DeepSpeed ZeRO-3 that hook runs inside ``deepspeed.zero.Init``,
+so a 70B model is partitioned while it is built instead of materialised on every rank.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+TINY_PRESET = "tiny-llama"
+TINY_PRESET_DIR = Path(__file__).parent / "assets" / TINY_PRESET
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the ``tiny-llama`` preset to its bundled directory; check that local-looking paths exist."""
+    if name_or_path == TINY_PRESET:
+        return str(TINY_PRESET_DIR)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(
+            f"Model path '{name_or_path}' does not exist. Pass an existing local directory, a Hugging Face hub id "
+            f"(e.g. 'meta-llama/Llama-2-7b-hf') or '{TINY_PRESET}' for the bundled tiny test model."
+        )
+    return name_or_path
+
+
+def has_weights(path: str) -> bool:
+    """True if ``path`` is a local directory holding model weights (safetensors or torch bin)."""
+    p = Path(path)
+    return p.is_dir() and any(any(p.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.index.json"))
+
+
+def to_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype '{dtype}'. Choose one of {sorted(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def default_attn_implementation() -> str:
+    """flash_attention_2 when flash-attn is installed and a GPU is present, otherwise PyTorch SDPA."""
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _hub_error(name_or_path: str, option: str, err: Exception) -> OSError:
+    return OSError(
+        f"Could not load '{name_or_path}' (option {option}): it is not a local directory and loading it as a "
+        f"hub id failed ({type(err).__name__}: {err}). Check the spelling, your network/HF_TOKEN, or point the "
+        f"option at a local directory."
+    )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
+                   padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """Load a tokenizer; give it a pad token (the EOS token) when it has none, as most causal LMs lack one."""
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _hub_error(name_or_path, "tokenizer", err) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    config_overrides: dict[str, Any] | None = None,
+    deepspeed_config: dict | None = None,
+) -> PreTrainedModel:
+    """Build a causal LM from pretrained weights, or randomly initialised from its config when the directory
+    has no weights (the bundled ``tiny-llama`` preset).
+
+    ``deepspeed_config`` with ZeRO stage 3 makes transformers load the checkpoint shard by shard into
+    partitioned parameters (it only detects ZeRO-3 through its own ``HfDeepSpeedConfig`` object).
+    """
+    path = resolve_model_path(name_or_path)
+    kwargs: dict[str, Any] = {
+        "dtype": to_dtype(dtype),
+        "attn_implementation": attn_implementation or default_attn_implementation(),
+        "trust_remote_code": trust_remote_code,
+    }
+    zero3 = bool(deepspeed_config) and deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(deepspeed_config)  # noqa: F841  (weakref read by from_pretrained)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **(config_overrides or {}))
+    except OSError as err:
+        raise _hub_error(name_or_path, "model", err) from err
+    if Path(path).is_dir() and not has_weights(path):
+        log.info("'%s' has no weights: initialising %s randomly from its config", path, config.model_type)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameter count that also works on ZeRO-3 partitioned parameters (which report numel 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

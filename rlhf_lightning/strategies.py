@@ -1,0 +1,108 @@
+"""Lightning's DeepSpeed strategy, made to also run on CPU so CI exercises the real ZeRO code paths.
+
+On a CUDA accelerator :class:`DeepSpeedStrategy` behaves exactly like Lightning's. On the CPU accelerator it
+skips Lightning's CUDA-only check, initialises ``torch.distributed`` with gloo through DeepSpeed, and reports a
+device with an index (DeepSpeed's engine requires one). ZeRO-2/3 and optimizer CPU offload
+(``DeepSpeedCPUAdam``, JIT-built on first use) then train for real with 1 or more processes.
+
+Use it from YAML::
+
+    trainer:
+      strategy:
+        class_path: rlhf_lightning.strategies.DeepSpeedStrategy
+        init_args: {stage: 2, offload_optimizer: true}
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """DeepSpeed ZeRO strategy for GPU and CPU.
+
+    Args:
+        stage: ZeRO stage (1, 2 or 3).
+        offload_optimizer: keep optimizer states (and the step) on CPU; pair with ``DeepSpeedCPUAdam``
+            (the algorithms swap a plain Adam/AdamW for it automatically).
+        offload_parameters: ZeRO-3 only, keep parameters on CPU between uses.
+        allgather_bucket_size: ZeRO-2 all-gather bucket, in elements.
+        reduce_bucket_size: gradient reduce bucket, in elements.
+        stage3_prefetch_bucket_size: ZeRO-3 parameter prefetch, in elements. ``0`` disables prefetching, which
+            code that gathers parameters inside ``training_step`` (generation, weight sync) needs: with
+            prefetching on, DeepSpeed fails on the second batch with "Cannot partition a param in flight".
+        stage3_param_persistence_threshold: ZeRO-3 parameters smaller than this stay unpartitioned.
+        config: a full DeepSpeed config (dict or JSON path) that overrides every option above.
+        kwargs: any other argument of :class:`lightning.pytorch.strategies.DeepSpeedStrategy`.
+    """
+
+    def __init__(
+        self,
+        stage: int = 2,
+        offload_optimizer: bool = False,
+        offload_parameters: bool = False,
+        allgather_bucket_size: int = 200_000_000,
+        reduce_bucket_size: int = 200_000_000,
+        stage3_prefetch_bucket_size: int | None = 0,
+        stage3_param_persistence_threshold: int | None = None,
+        config: str | dict[str, Any] | None = None,
+        logging_level: int = logging.WARN,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            stage=stage,
+            offload_optimizer=offload_optimizer,
+            offload_parameters=offload_parameters,
+            allgather_bucket_size=allgather_bucket_size,
+            reduce_bucket_size=reduce_bucket_size,
+            config=config,
+            logging_level=logging_level,
+            **kwargs,
+        )
+        self._zero3_overrides = {
+            key: value
+            for key, value in {
+                "stage3_prefetch_bucket_size": stage3_prefetch_bucket_size,
+                "stage3_param_persistence_threshold": stage3_param_persistence_threshold,
+            }.items()
+            if value is not None
+        }
+        if config is None and stage == 3:
+            self.config["zero_optimization"].update(self._zero3_overrides)
+
+    @property
+    def on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        """Whether optimizer states live on CPU (then DeepSpeed wants its own CPU Adam)."""
+        offload = (self.config or {}).get("zero_optimization", {}).get("offload_optimizer") or {}
+        return offload.get("device", "none") in ("cpu", "nvme")
+
+    @property
+    def root_device(self) -> torch.device:
+        if self.on_cpu:
+            return torch.device("cpu", 0)  # DeepSpeed reads ``device.index``
+        return super().root_device
+
+    def setup_environment(self) -> None:
+        if self.on_cpu:
+            DDPStrategy.setup_environment(self)  # Lightning's DeepSpeed refuses non-CUDA accelerators here
+        else:
+            super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self.on_cpu:
+            super().setup_distributed()
+            return
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()

@@ -72,7 +72,7 @@ def tokenize_with_spans(tokenizer: PreTrainedTokenizerBase, text: str, spans: li
                          f"{type(tokenizer).__name__} is a slow one.")
     enc = tokenizer(text, add_special_tokens=not chat_formatted, return_offsets_mapping=True)
     labels = []
-    for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+    for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
         in_span = end > start and any(lo <= start < hi for lo, hi in spans)
         labels.append(token_id if in_span else IGNORE_INDEX)
     return {"input_ids": list(enc["input_ids"]), "labels": labels}

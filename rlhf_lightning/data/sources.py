@@ -28,7 +28,8 @@ def load_records(source: str, split: str = "train", option: str = "data.path") -
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix)
         if builder is None:
-            raise ValueError(f"{option}='{source}': unsupported file type '{path.suffix}'; use {sorted(FILE_BUILDERS)}.")
+            raise ValueError(f"{option}='{source}': unsupported file type '{path.suffix}'; "
+                             f"use one of {sorted(FILE_BUILDERS)}.")
         if path.stat().st_size == 0:
             raise ValueError(f"{option}='{source}' is an empty file: it has no records.")
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from rlhf_lightning.cli import RLHFCLI
+from rlhf_lightning.strategies import destroy_distributed
 
 
 def main(args: list[str] | None = None) -> RLHFCLI:
@@ -12,9 +11,7 @@ def main(args: list[str] | None = None) -> RLHFCLI:
     try:
         return RLHFCLI(args=args)
     finally:
-        # ZeRO-3 on several CPU ranks can abort at interpreter exit unless the process group is torn down first.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -106,3 +106,21 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+
+def destroy_distributed() -> None:
+    """Tear down ``torch.distributed`` and DeepSpeed's cached process groups.
+
+    Called after each CLI run: ZeRO-3 on several CPU ranks can abort at interpreter exit otherwise, and a second
+    in-process run (tests, notebooks) would hit DeepSpeed's cached clone of the destroyed world group.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.destroy_process_group()
+    try:
+        from deepspeed.utils import groups
+    except ImportError:
+        return
+    for name, value in vars(groups).items():
+        if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
+            setattr(groups, name, {} if isinstance(value, dict) else None)

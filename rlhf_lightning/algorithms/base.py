@@ -77,7 +77,7 @@ class RLHFModule(LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = self.load_model(self.hparams.model)
+            self.model = self.load_model(self.hparams.model).train()  # from_pretrained returns eval mode
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer or self.hparams.model,
                                             trust_remote_code=self.hparams.trust_remote_code)

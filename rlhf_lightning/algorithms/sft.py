@@ -46,5 +46,5 @@ class SFT(RLHFModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # token-weighted mean, synced across ranks
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(loss))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # already equal on all ranks
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)

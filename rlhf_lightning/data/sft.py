@@ -20,6 +20,15 @@ from rlhf_lightning.data.sources import load_records, require_columns
 from rlhf_lightning.models import load_tokenizer
 
 
+def as_text(value: object, source: str, index: int, key: str) -> str:
+    """A cell as text: numbers (CSV/parquet infer them) become strings; missing or nested values are errors."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{source} row {index}: '{key}' must be text, got {type(value).__name__} ({value!r}).")
+
+
 class SFTDataModule(pl.LightningDataModule):
     """Prompt/response (``input_key``/``output_key``) or chat (``messages_key``) data for SFT.
 
@@ -101,10 +110,8 @@ class SFTDataModule(pl.LightningDataModule):
             if hp.messages_key:
                 text, spans = render_chat(self.tokenizer, row[hp.messages_key])
             else:
-                prompt, response = row[hp.input_key], row[hp.output_key]
-                if not isinstance(prompt, str) or not isinstance(response, str):
-                    raise ValueError(f"{source} row {index}: '{hp.input_key}' and '{hp.output_key}' must be "
-                                     f"strings, got {type(prompt).__name__} and {type(response).__name__}.")
+                prompt = as_text(row[hp.input_key], source, index, hp.input_key)
+                response = as_text(row[hp.output_key], source, index, hp.output_key)
                 text, spans = render_prompt_response(self.tokenizer, prompt, response, hp.input_template,
                                                      hp.use_chat_template)
             sample = tokenize_with_spans(self.tokenizer, text, spans, chat_formatted=chat)

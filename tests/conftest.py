@@ -1,0 +1,97 @@
+"""Shared fixtures: offline hub, a saved tiny model, small data files and helpers to run the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SFT_DATA = REPO / "examples" / "data" / "sft_tiny.jsonl"
+CHAT_DATA = REPO / "examples" / "data" / "chat_tiny.jsonl"
+TINY_SFT_CONFIG = REPO / "configs" / "tiny" / "sft.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled tiny Llama, randomly initialised once and saved with ``save_pretrained`` (weights + tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_lightning.models import TINY_PRESET_DIR
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_PRESET_DIR)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(TINY_PRESET_DIR).save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def base_args(run_dir: Path, model: Path | str, data: Path = SFT_DATA, config: Path = TINY_SFT_CONFIG) -> list[str]:
+    """CLI args for a short run writing logs, checkpoints and the HF export under ``run_dir``."""
+    return [
+        "fit", "--config", str(config),
+        "--model.init_args.model", str(model),
+        "--data.init_args.path", str(data),
+        "--trainer.default_root_dir", str(run_dir),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.init_args.save_dir", str(run_dir),
+        "--trainer.logger.init_args.name", "csv",
+        "--trainer.logger.init_args.version", "0",
+        "--trainer.callbacks", json.dumps([
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(run_dir / "checkpoints"), "save_last": True, "every_n_train_steps": 5}},
+            {"class_path": "rlhf_lightning.callbacks.HFExport", "init_args": {"dirpath": str(run_dir / "hf")}},
+        ]),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.log_every_n_steps", "1",
+    ]
+
+
+def run_cli(args: list[str]) -> None:
+    """Run ``python -m rlhf_lightning`` in this process (one trainer rank)."""
+    from rlhf_lightning.__main__ import main
+
+    main(args)
+
+
+def run_cli_subprocess(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the CLI in a child process (needed for several ranks: Lightning re-launches the command per rank)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "rlhf_lightning", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"CLI failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def metric_series(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        state.update(load_file(file))
+    return state

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_DIR = REPO_ROOT / "rlhf_lightning" / "assets" / "tiny-llama"
+TOKENIZER_SUBDIR = Path("rlhf_lightning") / "assets" / "tiny-llama"
 SIDES = ("ours-deepspeed", "ours-auto", "trl")
 SIDE_LABEL = {"ours-deepspeed": "rlhf_lightning SFT, DeepSpeed ZeRO-2",
               "ours-auto": "rlhf_lightning SFT, strategy auto", "trl": "TRL SFTTrainer"}
@@ -301,8 +301,9 @@ def run_prepare(spec: dict[str, Any]) -> dict[str, Any]:
     from rlhf_lightning.data.formatting import render_prompt_response, tokenize_with_spans
 
     model_dir, data = Path(spec["model_dir"]), Path(spec["data"])
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    config = AutoConfig.from_pretrained(str(TOKENIZER_DIR), **MODEL_PRESETS[spec["model"]])
+    tokenizer_dir = str(Path(spec["project_root"]) / TOKENIZER_SUBDIR)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.from_pretrained(tokenizer_dir, **MODEL_PRESETS[spec["model"]])
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(model_dir)
@@ -345,6 +346,11 @@ def child_main(role: str, spec_path: str) -> None:
     runner = {"prepare": run_prepare, "trl": run_trl, "ours-deepspeed": run_ours, "ours-auto": run_ours}[role]
     result = runner(spec)
     result["peak_rss_mib"] = peak_rss_mib()
+    import rlhf_lightning
+
+    result["rlhf_lightning_file"] = rlhf_lightning.__file__
+    if not Path(rlhf_lightning.__file__).resolve().is_relative_to(Path(spec["project_root"]).resolve()):
+        raise RuntimeError(f"imported {rlhf_lightning.__file__}, not the project under test {spec['project_root']}")
     if spec.get("device") == "cuda":
         import torch
 
@@ -353,6 +359,27 @@ def child_main(role: str, spec_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parent helpers
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def project_under_test(ref: str | None, workdir: Path) -> tuple[Path, dict[str, Any]]:
+    """The project tree the children import: this checkout as it is (``ref`` None), or ``git archive ref``
+    unpacked into ``workdir`` (a fixed commit, unaffected by edits made while the benchmark runs)."""
+    if ref is None:
+        try:
+            dirty = bool(git("status", "--porcelain", "--", "rlhf_lightning", "configs"))
+            return REPO_ROOT, {"source": "working tree", "commit": git("rev-parse", "HEAD"), "dirty": dirty}
+        except (OSError, subprocess.CalledProcessError):
+            return REPO_ROOT, {"source": "working tree", "commit": None, "dirty": None}
+    commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    root = workdir / "project"
+    root.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", commit], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root, {"source": f"git archive {ref}", "commit": commit, "dirty": False}
+
+
 def launch(role: str, spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
     """Run one child process (``role``) and return its result; raise with the log tail on failure."""
     spec = {**spec, "side": role, "result": str(workdir / f"{tag}.result.json"),
@@ -361,11 +388,11 @@ def launch(role: str, spec: dict[str, Any], workdir: Path, tag: str) -> dict[str
     spec_path.write_text(json.dumps(spec))
     log_path = workdir / f"{tag}.log"
     env = {**os.environ, **ENV, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
-           "HF_DATASETS_CACHE": str(workdir / "hf_datasets_cache"), "PYTHONPATH": str(REPO_ROOT)}
+           "HF_DATASETS_CACHE": str(workdir / "hf_datasets_cache"), "PYTHONPATH": spec["project_root"]}
     started = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", role,
-                               "--child-spec", str(spec_path)], cwd=REPO_ROOT, env=env, stdout=log,
+                               "--child-spec", str(spec_path)], cwd=spec["project_root"], env=env, stdout=log,
                               stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         tail = log_path.read_text()[-4000:]
@@ -373,6 +400,22 @@ def launch(role: str, spec: dict[str, Any], workdir: Path, tag: str) -> dict[str
     result = json.loads(Path(spec["result"]).read_text())
     result["process_wall_s"] = time.perf_counter() - started
     return result
+
+
+def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.15) -> float:
+    """Wait (up to ``max_wait_s``) until the machine has been idle for 2 s; return the seconds waited.
+
+    Other processes on a small machine wreck the timing: with one of 2 cores taken, a 2-thread PyTorch process
+    slows down 10-40x on a small model (its OpenMP threads keep waiting for each other).
+    """
+    started, quiet = time.perf_counter(), 0
+    while time.perf_counter() - started < max_wait_s:
+        before = system_busy_s()
+        time.sleep(1.0)
+        quiet = quiet + 1 if system_busy_s() - before < threshold_cores else 0
+        if quiet >= 2:
+            break
+    return time.perf_counter() - started
 
 
 def summarize_run(result: dict[str, Any], warmup: int) -> dict[str, Any]:
@@ -458,7 +501,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"batch {cfg['batch_size']} x {report['prepare']['tokens_per_sample']} tokens "
         f"({report['prepare']['label_tokens_per_sample']} with loss), {cfg['steps']} optimizer steps of which the "
         f"first {cfg['warmup']} are warm-up, {cfg['repeats']} repeats per side (fresh process each), "
-        f"{cfg['threads']} torch threads. {report['date']}; {report['machine']}.",
+        f"{cfg['threads']} torch threads. {report['date']}; {report['machine']}. Project: "
+        f"{report['project']['source']} at {str(report['project']['commit'])[:10]}"
+        f"{' (uncommitted changes)' if report['project']['dirty'] else ''}.",
         "",
         "| side | tokens/s min | tokens/s median | tokens/s max | samples/s median | s/step median "
         "| peak RSS MiB median | ours/TRL tokens/s (median) | ours/TRL per repeat (min-max) |",
@@ -473,6 +518,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {SIDE_LABEL[side]} | {tps['min']:,.0f} | {tps['median']:,.0f} | {tps['max']:,.0f} | "
                      f"{s['samples_per_s']['median']:.2f} | {s['step_s']['median']:.3f} | "
                      f"{s['peak_rss_mib']['median']:,.0f} | {ratio_txt} | {paired} |")
+    kept = sum(r["contended"] for side in report["runs"].values() for r in side)
+    worst = max(r["other_cpu_cores"] for side in report["runs"].values() for r in side)
+    lines += ["", f"Other processes' CPU use during the kept runs: at most {worst:.2f} cores on average over a run; "
+              f"{len(report['discarded_contended_runs'])} contended run(s) discarded and re-run, {kept} contended "
+              f"run(s) kept after {cfg['retries']} retries."]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", ""]
     return "\n".join(lines)
 
@@ -500,9 +550,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--base-config", default="configs/tiny/sft.yaml",
                         help="our side's config; the benchmark overrides everything that matters")
+    parser.add_argument("--project-ref", default=None,
+                        help="benchmark this git commit/ref of the project (exported with git archive) instead of "
+                             "the working tree as it is")
     parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown results")
     parser.add_argument("--workdir", default=None, help="keep model, data and child logs here (default: a temp dir)")
     parser.add_argument("--no-warmup-run", action="store_true", help="skip the throwaway first process")
+    parser.add_argument("--max-other-cores", type=float, default=0.2,
+                        help="a run during which other processes kept more CPU cores busy than this (on average) is "
+                             "discarded and run again (cpu only)")
+    parser.add_argument("--retries", type=int, default=3, help="re-runs of a contended run before keeping it")
+    parser.add_argument("--max-wait", type=float, default=120.0,
+                        help="seconds to wait for an idle machine before each child process (cpu only)")
     parser.add_argument("--child", choices=["prepare", *SIDES], help=argparse.SUPPRESS)
     parser.add_argument("--child-spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -522,7 +581,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench_sft_")
     workdir = Path(args.workdir or tmp.name).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    spec = {"model": args.model, "device": args.device, "dtype": args.dtype, "steps": args.steps,
+    project_root, project = project_under_test(args.project_ref, workdir)
+    print(f"[bench_sft] project under test: {project_root} ({project})", flush=True)
+    spec = {"project_root": str(project_root), "model": args.model, "device": args.device, "dtype": args.dtype,
+            "steps": args.steps,
             "batch_size": args.batch_size, "prompt_len": args.prompt_len, "completion_len": args.completion_len,
             "max_len": args.prompt_len + args.completion_len + 1, "lr": args.lr, "threads": args.threads,
             "trl_optim": args.trl_optim, "base_config": args.base_config,
@@ -537,16 +599,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             launch(args.sides[0], {**spec, "steps": min(args.steps, args.warmup + 2)}, workdir, "warmup")
         raw: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
+        discarded: list[dict[str, Any]] = []
         for rep in range(args.repeats):
             for side in args.sides:
-                result = launch(side, spec, workdir, f"{side}.{rep}")
+                for attempt in range(args.retries + 1):
+                    waited = wait_for_quiet(args.max_wait) if args.device == "cpu" else 0.0
+                    result = launch(side, spec, workdir, f"{side}.{rep}.{attempt}")
+                    r = {**summarize_run(result, args.warmup), "waited_for_quiet_s": waited, "attempt": attempt}
+                    contended = args.device == "cpu" and r["other_cpu_cores"] > args.max_other_cores
+                    print(f"[bench_sft] repeat {rep} {side:15s} {r['tokens_per_s']:10,.0f} tokens/s "
+                          f"{r['samples_per_s']:7.2f} samples/s  {r['step_s_median']:.4f} s/step  "
+                          f"peak RSS {r['peak_rss_mib']:,.0f} MiB  cores own/other {r['own_cpu_cores']:.2f}/"
+                          f"{r['other_cpu_cores']:.2f}  (process {r['process_wall_s']:.0f} s)"
+                          + ("  CONTENDED: other processes were busy" if contended else ""), flush=True)
+                    if not contended or attempt == args.retries:
+                        break
+                    discarded.append({"side": side, "repeat": rep, **r})
                 raw[side].append(result)
-                runs[side].append(summarize_run(result, args.warmup))
-                r = runs[side][-1]
-                print(f"[bench_sft] repeat {rep} {side:15s} {r['tokens_per_s']:10,.0f} tokens/s "
-                      f"{r['samples_per_s']:7.2f} samples/s  {r['step_s_median']:.4f} s/step  "
-                      f"peak RSS {r['peak_rss_mib']:,.0f} MiB  cores own/other {r['own_cpu_cores']:.2f}/"
-                      f"{r['other_cpu_cores']:.2f}  (process {r['process_wall_s']:.0f} s)", flush=True)
+                runs[side].append({**r, "contended": contended})
         check_same_work(runs, raw, args.steps)
     finally:
         if tmp is not None:
@@ -581,9 +651,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "command": "python benchmarks/bench_sft.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {**{k: v for k, v in vars(args).items() if not k.startswith("child")},
                    "max_len": spec["max_len"]},
+        "project": project,
         "prepare": prepared,
         "summary": summary,
         "runs": runs,
+        "discarded_contended_runs": discarded,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

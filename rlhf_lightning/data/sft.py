@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.collate import IGNORE_INDEX, SFTCollator
 from rlhf_lightning.data.formatting import render_chat, render_prompt_response, tokenize_with_spans, truncate
+from rlhf_lightning.data.loaders import build_dataloader
 from rlhf_lightning.data.sources import load_records, require_columns
 from rlhf_lightning.models import load_tokenizer
 
@@ -47,10 +48,11 @@ class SFTDataModule(pl.LightningDataModule):
         max_len: maximum tokens per sample (see the truncation policy above).
         truncation: ``right`` cuts long samples, ``drop`` drops them.
         batch_size: micro-batch size per device.
+        shuffle: shuffle the training data each epoch.
         num_workers: DataLoader workers.
         max_samples: use only the first N training records (quick experiments).
         split: split name for hub datasets.
-        seed: seed of the validation hold-out.
+        seed: seed of the validation hold-out and of shuffling.
         trust_remote_code: passed to the tokenizer.
     """
 
@@ -68,6 +70,7 @@ class SFTDataModule(pl.LightningDataModule):
         max_len: int = 2048,
         truncation: Literal["right", "drop"] = "right",
         batch_size: int = 8,
+        shuffle: bool = True,
         num_workers: int = 0,
         max_samples: int | None = None,
         split: str = "train",
@@ -134,12 +137,11 @@ class SFTDataModule(pl.LightningDataModule):
         return encoded.filter(lambda keep: keep, input_columns="keep").remove_columns(["truncated", "keep"])
 
     def _loader(self, dataset: datasets.Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers,
-                          collate_fn=SFTCollator(self.tokenizer.pad_token_id), drop_last=False)
+        return build_dataloader(dataset, self.hparams.batch_size, shuffle, SFTCollator(self.tokenizer.pad_token_id),
+                                self.trainer, self.hparams.seed, self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        return self._loader(self.train_dataset, shuffle=self.hparams.shuffle)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else []

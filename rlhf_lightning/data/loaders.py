@@ -1,0 +1,24 @@
+"""DataLoader construction shared by the DataModules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool, collate_fn: Callable,
+                     trainer: pl.Trainer | None = None, seed: int = 42, num_workers: int = 0) -> DataLoader:
+    """A DataLoader that shards ``dataset`` over the trainer's ranks and honours ``shuffle``.
+
+    The sampler is built here because Lightning's automatic distributed sampler always shuffles training data,
+    which would silently ignore ``shuffle: false`` under DeepSpeed (a distributed strategy even on one device).
+    Lightning keeps a ``DistributedSampler`` it finds and calls ``set_epoch`` on it each epoch.
+    """
+    sampler = None
+    if trainer is not None:
+        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                     shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+                      sampler=sampler, num_workers=num_workers, collate_fn=collate_fn)

@@ -559,7 +559,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-other-cores", type=float, default=0.2,
                         help="a run during which other processes kept more CPU cores busy than this (on average) is "
                              "discarded and run again (cpu only)")
-    parser.add_argument("--retries", type=int, default=3, help="re-runs of a contended run before keeping it")
+    parser.add_argument("--retries", type=int, default=5, help="re-runs of a contended run before keeping it")
     parser.add_argument("--max-wait", type=float, default=120.0,
                         help="seconds to wait for an idle machine before each child process (cpu only)")
     parser.add_argument("--child", choices=["prepare", *SIDES], help=argparse.SUPPRESS)

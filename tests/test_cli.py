@@ -1,0 +1,64 @@
+"""Every config parses; the CLI's subcommands, help and loggers work."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, base_args, run_cli
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_there_are_real_and_tiny_configs():
+    names = {p.relative_to(REPO / "configs").as_posix() for p in CONFIGS}
+    assert {"sft.yaml", "tiny/sft.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_config_parses_and_starts_with_its_command(config: Path, capsys):
+    first_line = config.read_text().splitlines()[0]
+    assert first_line.startswith("# python -m rlhf_lightning fit --config configs/"), first_line
+    assert config.relative_to(REPO).as_posix() in first_line
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path: rlhf_lightning" in capsys.readouterr().out
+
+
+def test_help_lists_model_options(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--model", "rlhf_lightning.algorithms.SFT", "--model.help", "rlhf_lightning.algorithms.SFT"])
+    out = capsys.readouterr().out
+    assert "--model.gradient_checkpointing" in out and "--model.optimizer" in out and "DeepSpeedCPUAdam" in out
+
+
+def test_several_config_files_and_dotted_overrides(tmp_path, capsys):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  init_args:\n    warmup_steps: 7\n")
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "-c", str(REPO / "configs/tiny/sft.yaml"), "-c", str(extra),
+                 "--data.init_args.max_len", "64", "--print_config"])
+    out = capsys.readouterr().out
+    assert "warmup_steps: 7" in out and "max_len: 64" in out
+
+
+def test_wandb_logger_offline(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "wandb"
+    args = base_args(run_dir, tiny_model_dir) + [
+        "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.init_args.offline", "true",
+        "--trainer.logger.init_args.save_dir", str(run_dir),
+        "--trainer.logger.init_args.project", "rlhf-lightning-test",
+        "--trainer.max_steps", "3",
+    ]
+    run_cli(args)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].glob("*.wandb"))
+
+
+def test_validate_subcommand(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "val"
+    args = base_args(run_dir, tiny_model_dir) + ["--data.init_args.val_split", "0.1"]
+    args[0] = "validate"
+    run_cli(args)

@@ -31,4 +31,4 @@ if torch.version.cuda and not torch.cuda.is_available():
 PY
 # DS_BUILD_OPS=0: DeepSpeed installs in seconds and JIT-builds the ops it needs (CPU Adam) on first use.
 DS_BUILD_OPS=0 python -m pip install --quiet -e ".[dev]"
-echo "[setup] ready: $(python -c 'import torch, lightning, transformers, deepspeed; print(f"torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}")')"
+echo "[setup] ready: $(python -c 'import torch, lightning, transformers; print(f"torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}")')"

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, base_args, run_cli
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

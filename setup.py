@@ -32,6 +32,7 @@ setup(
         "lightning>=2.4",
         "jsonargparse[signatures]>=4.30",
         "transformers>=4.51",
+        "accelerate>=1.0",  # transformers needs it to load weights under a torch.device context (Lightning)
         "datasets>=3.0",
         "torchmetrics>=1.4",
         "tokenizers>=0.20",

@@ -49,6 +49,8 @@ def export_hf(model: torch.nn.Module, tokenizer: object | None, directory: str |
 class HFExport(Callback):
     """Export the module's ``model`` (and ``tokenizer``) with ``save_pretrained``.
 
+    A module may define ``prepare_export()`` (called on every rank first) to add to the export, e.g. config keys.
+
     Args:
         dirpath: output directory; periodic exports go to ``dirpath/step-<N>``, the final one to ``dirpath``.
         every_n_steps: export every N optimizer steps (0 = only at the end).
@@ -65,6 +67,8 @@ class HFExport(Callback):
         self._last_exported_step = -1
 
     def _export(self, trainer: pl.Trainer, module: pl.LightningModule, directory: Path) -> None:
+        if hasattr(module, "prepare_export"):  # e.g. the reward model stores its reward statistics in the config
+            module.prepare_export()
         model = getattr(module, self.attribute)
         export_hf(model, getattr(module, "tokenizer", None), directory, trainer.global_rank)
         self._last_exported_step = trainer.global_step

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +96,14 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     config_overrides: dict[str, Any] | None = None,
     deepspeed_config: dict | None = None,
+    score_head: bool = False,
 ) -> PreTrainedModel:
     """Build a causal LM from pretrained weights, or randomly initialised from its config when the directory
     has no weights (the bundled ``tiny-llama`` preset).
+
+    ``score_head=True`` builds ``AutoModelForSequenceClassification`` with one output instead: the backbone
+    plus a scalar head (a new head is initialised when loading a causal-LM checkpoint), as reward and value
+    models use.
 
     ``deepspeed_config`` with ZeRO stage 3 makes transformers load the checkpoint shard by shard into
     partitioned parameters (it only detects ZeRO-3 through its own ``HfDeepSpeedConfig`` object).
@@ -107,15 +119,17 @@ def load_causal_lm(
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds_config = HfDeepSpeedConfig(deepspeed_config)  # noqa: F841  (weakref read by from_pretrained)
+    overrides = {**(config_overrides or {}), **({"num_labels": 1} if score_head else {})}
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **(config_overrides or {}))
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides)
     except OSError as err:
         raise _hub_error(name_or_path, "model", err) from err
+    auto_class = AutoModelForSequenceClassification if score_head else AutoModelForCausalLM
     if Path(path).is_dir() and not has_weights(path):
         log.info("'%s' has no weights: initialising %s randomly from its config", path, config.model_type)
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model = auto_class.from_config(config, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        model = auto_class.from_pretrained(path, config=config, **kwargs)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

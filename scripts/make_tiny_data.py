@@ -2,7 +2,8 @@
 
     python scripts/make_tiny_data.py
 
-Task: add two numbers (``What is 12 + 345?`` -> ``357``). Answers are exact, so accuracy is checkable.
+Task: add two numbers (``What is 12 + 45?`` -> ``57``). Answers are exact, so accuracy is checkable, and
+preference data follows from the rule: the correct sum is chosen over a wrong one (off by a few units or tens).
 """
 
 import json
@@ -15,6 +16,11 @@ OUT = Path(__file__).resolve().parents[1] / "examples" / "data"
 def addition(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
     return f"What is {a} + {b}?", str(a + b)
+
+
+def wrong_answer(rng: random.Random, answer: str) -> str:
+    value = int(answer)
+    return str(max(0, value + rng.choice([-10, -2, -1, 1, 2, 10])))
 
 
 def main() -> None:
@@ -31,6 +37,18 @@ def main() -> None:
                 prompt, answer = addition(rng)
                 messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
             f.write(json.dumps({"messages": messages}) + "\n")
+    with open(OUT / "preference_tiny.jsonl", "w") as f:
+        for _ in range(600):
+            prompt, answer = addition(rng)
+            wrong = wrong_answer(rng, answer)
+            margin = 1.0 if abs(int(wrong) - int(answer)) >= 10 else 0.5
+            f.write(json.dumps({"prompt": prompt, "chosen": answer, "rejected": wrong, "margin": margin}) + "\n")
+    with open(OUT / "kto_tiny.jsonl", "w") as f:
+        for _ in range(600):
+            prompt, answer = addition(rng)
+            good = rng.random() < 0.5
+            f.write(json.dumps({"prompt": prompt, "completion": answer if good else wrong_answer(rng, answer),
+                                "label": good}) + "\n")
 
 
 if __name__ == "__main__":

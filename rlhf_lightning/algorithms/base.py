@@ -65,15 +65,15 @@ class RLHFModule(LightningModule):
         self._step_started = 0.0
 
     # ----------------------------------------------------------------------------------------------- model
-    def load_model(self, name_or_path: str) -> PreTrainedModel:
-        """Build a causal LM with this module's dtype/attention/checkpointing settings."""
+    def load_model(self, name_or_path: str, score_head: bool = False) -> PreTrainedModel:
+        """Build a causal LM (or, with ``score_head``, a scalar-output model) with this module's settings."""
         hp = self.hparams
         ds_config = self.trainer.strategy.config if self._has_trainer and isinstance(
             self.trainer.strategy, DeepSpeedStrategy) else None
         return load_causal_lm(name_or_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
                               gradient_checkpointing=hp.gradient_checkpointing,
                               trust_remote_code=hp.trust_remote_code, config_overrides=hp.config_overrides,
-                              deepspeed_config=ds_config)
+                              deepspeed_config=ds_config, score_head=score_head)
 
     def configure_model(self) -> None:
         if self.model is None:

@@ -1,5 +1,6 @@
 """Datasets, collators and LightningDataModules."""
 
+from rlhf_lightning.data.preference import PreferenceDataModule, UnpairedPreferenceDataModule
 from rlhf_lightning.data.sft import SFTDataModule
 
-__all__ = ["SFTDataModule"]
+__all__ = ["PreferenceDataModule", "SFTDataModule", "UnpairedPreferenceDataModule"]

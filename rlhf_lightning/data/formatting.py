@@ -83,3 +83,34 @@ def truncate(sample: dict[str, list[int]], max_len: int) -> tuple[dict[str, list
     if len(sample["input_ids"]) <= max_len:
         return sample, False
     return {key: value[:max_len] for key, value in sample.items()}, True
+
+
+def encode_prompt_response(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, Any]], response: str,
+                           input_template: str | None = None,
+                           use_chat_template: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt and of its response (which ends with the EOS / end-of-turn token).
+
+    ``prompt`` is a string or a list of chat messages (multi-turn context). The pair is rendered and tokenized
+    as one text, then split where the response starts, so ``prompt_ids + response_ids`` is exactly the
+    tokenization a model sees, and different responses to one prompt share the same ``prompt_ids``.
+    """
+    if isinstance(prompt, list):
+        text, spans = render_chat(tokenizer, [*prompt, {"role": "assistant", "content": response}])
+        chat = True
+    else:
+        text, spans = render_prompt_response(tokenizer, prompt, response, input_template, use_chat_template)
+        chat = input_template is None and use_chat_template and bool(tokenizer.chat_template)
+    start = spans[-1][0]
+    enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    split = next((i for i, (lo, hi) in enumerate(enc["offset_mapping"]) if hi > lo and lo >= start), len(ids))
+    return ids[:split], ids[split:]
+
+
+def fit_prompt(prompt_ids: list[int], response_ids: list[list[int]], max_len: int) -> list[int] | None:
+    """Left-truncate the prompt so ``prompt + response`` fits ``max_len`` for every response; responses are never
+    cut. Returns the (possibly shorter) prompt, or ``None`` when a response alone leaves no room for any prompt."""
+    room = max_len - max(len(r) for r in response_ids)
+    if room < 1:
+        return None
+    return prompt_ids[-room:] if len(prompt_ids) > room else prompt_ids

@@ -219,3 +219,15 @@ def test_dpo_zero2_offload_two_ranks(tmp_path, tiny_model_dir, easy_pairs):
     assert sum(margins[-3:]) / 3 > sum(margins[:3]) / 3 + 0.05, margins
     start, trained = load_weights(tiny_model_dir), load_weights(run_dir / "hf")
     assert not torch.equal(start["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
+
+
+def test_custom_dpo_variant_example(tmp_path, tiny_model_dir, easy_pairs, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "examples"))
+    run_dir = tmp_path / "exo"
+    run_cli(base_args(run_dir, tiny_model_dir, data=easy_pairs, config=CONFIGS / "dpo.yaml")
+            + ["--model", "custom_dpo_loss.ExponentialDPO", "--trainer.max_steps", "6",
+               "--model.init_args.optimizer.init_args.lr", "3e-3"])
+    rows = read_metrics(run_dir)
+    losses = metric_series(rows, "train/loss")
+    assert abs(losses[0] - 1.0) < 1e-3  # exp(-β·0) at the start, where policy == reference
+    assert losses[-1] < losses[0] and metric_series(rows, "train/margin")[-1] > 0

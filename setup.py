@@ -35,6 +35,7 @@ setup(
         "accelerate>=1.0",  # transformers needs it to load weights under a torch.device context (Lightning)
         "datasets>=3.0",
         "torchmetrics>=1.4",
+        "torchdata>=0.8",  # StatefulDataLoader: mid-epoch resume
         "tokenizers>=0.20",
         "safetensors",
         "pyyaml",

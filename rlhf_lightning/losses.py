@@ -5,6 +5,8 @@ Each function cites its source; tests in ``tests/test_losses.py`` check them aga
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -155,3 +157,131 @@ def orpo_odds_ratio_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: tor
         return avg_logps - torch.log1p(-torch.exp(avg_logps).clamp(max=1 - 1e-6))
 
     return -F.logsigmoid(log_odds(chosen_avg_logps) - log_odds(rejected_avg_logps))
+
+
+# --------------------------------------------------------------------------------- policy gradient (PPO family)
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+
+
+def _where_valid(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``values`` with masked positions set to 0 by selection (garbage there, even ``inf``, cannot leak)."""
+    return torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Aggregation = "token_mean") -> torch.Tensor:
+    """Reduce per-token losses (B, T) to a scalar over the tokens where ``mask`` is set.
+
+    - ``token_mean``: ``Σ values·mask / Σ mask`` over the whole batch, every token weighs the same (DAPO, Yu et al.
+      2025, token-level policy-gradient loss).
+    - ``seq_mean_token_mean``: mean over sequences of each sequence's per-token mean (original GRPO, Shao et al.
+      2024); short and long answers weigh the same.
+    - ``seq_mean_token_sum``: mean over sequences of each sequence's token *sum*. Dr. GRPO (Liu et al. 2025) sums
+      over tokens and divides by a constant (the generation budget) instead of the length; this is that loss times
+      the constant, which a learning rate absorbs.
+
+    Sequence modes average over the rows with at least one valid token (all-padding rows are ignored).
+    """
+    valid = mask.bool()
+    values = _where_valid(values, valid)
+    if mode == "token_mean":
+        return masked_mean(values, valid)
+    nonempty = valid.any(-1)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(masked_mean(values, valid, dim=-1), nonempty)
+    if mode == "seq_mean_token_sum":
+        return masked_mean(values.sum(-1), nonempty)
+    raise ValueError(f"Unknown aggregation '{mode}': use token_mean, seq_mean_token_mean or seq_mean_token_sum.")
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
+                aggregation: Aggregation = "token_mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate loss (Schulman et al. 2017) over response tokens; all inputs (B, T).
+
+    With ``ratio = exp(log π - log π_old)`` the per-token loss is
+    ``max(-A·ratio, -A·clip(ratio, 1 - clip_low, 1 + clip_high))``; ``clip_high > clip_low`` is DAPO's clip-higher
+    (Yu et al. 2025). Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL"): for
+    ``A < 0`` the per-token loss is also capped at ``-A·dual_clip`` (``dual_clip > 1``), so a huge ratio on a bad
+    token cannot blow the update up. Clipped tokens get no gradient. Per-token losses are reduced by
+    :func:`aggregate`.
+
+    Args:
+        logprobs: (B, T) log π(a_t) of the current policy (with gradient).
+        old_logprobs: (B, T) log-probs of the policy that sampled the rollout (detached).
+        advantages: (B, T) per-token advantages; sequence-level advantages (B,) (GRPO, RLOO) must be broadcast by
+            the caller, e.g. ``adv[:, None].expand_as(mask)``.
+        mask: (B, T) response mask.
+
+    Returns:
+        ``(loss, stats)``; stats (detached scalars): ``clip_frac`` (share of valid tokens where the clipped branch
+        is the active one), ``dual_clip_frac`` (share where the dual-clip cap is active, 0 without it),
+        ``approx_kl`` (masked mean of ``½ (log π - log π_old)²``, the k2 estimator of KL(π_old || π) as OpenAI
+        baselines and TRL log it) and ``ratio_mean``.
+    """
+    if clip_low < 0 or clip_high < 0:
+        raise ValueError(f"clip ranges must be >= 0, got clip_low={clip_low}, clip_high={clip_high}")
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    valid = mask.bool()
+    log_ratio = _where_valid(logprobs - old_logprobs, valid)
+    advantages = _where_valid(advantages.to(log_ratio.dtype), valid)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    is_clipped = clipped > unclipped
+    per_token = torch.where(is_clipped, clipped, unclipped)
+    is_dual_clipped = torch.zeros_like(valid)
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        is_dual_clipped = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(is_dual_clipped, cap, per_token)
+    loss = aggregate(per_token, valid, aggregation)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean(is_clipped.to(ratio.dtype), valid),
+            "dual_clip_frac": masked_mean(is_dual_clipped.to(ratio.dtype), valid),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, valid),
+            "ratio_mean": masked_mean(ratio, valid),
+        }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float | None = 0.2,
+               aggregation: Aggregation = "token_mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Critic loss ``½ max((V - R)², (V_clip - R)²)`` with ``V_clip = V_old + clip(V - V_old, -clip, clip)``.
+
+    PPO2's value clipping (OpenAI baselines ``ppo2``; Schulman et al. 2017); ``clip=None`` gives the plain
+    ``½ (V - R)²``. All inputs (B, T): ``values`` with gradient, ``old_values`` from the rollout, ``returns`` the
+    targets (e.g. from :func:`rlhf_lightning.advantages.gae`). Returns ``(loss, stats)`` with ``value_clip_frac``,
+    the share of valid tokens where the clipped term is the active one.
+    """
+    valid = mask.bool()
+    values = _where_valid(values, valid)
+    returns = _where_valid(returns.to(values.dtype), valid)
+    per_token = (values - returns) ** 2
+    is_clipped = torch.zeros_like(valid)
+    if clip is not None:
+        old_values = _where_valid(old_values.to(values.dtype), valid)
+        clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+        clipped = (clipped_values - returns) ** 2
+        is_clipped = clipped > per_token
+        per_token = torch.where(is_clipped, clipped, per_token)
+    loss = aggregate(0.5 * per_token, valid, aggregation)
+    with torch.no_grad():
+        stats = {"value_clip_frac": masked_mean(is_clipped.to(values.dtype), valid)}
+    return loss, stats
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position, (B, T, V) -> (B, T).
+
+    ``H = logsumexp(l) - Σ softmax(l)·l``, which needs one probability tensor and no ``log_softmax`` copy.
+    Half-precision logits are computed in float32 (float32/float64 keep their dtype); ``-inf`` logits (filtered
+    tokens) have probability 0 and contribute nothing.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    finite = logits.clamp(min=torch.finfo(logits.dtype).min)
+    return torch.logsumexp(logits, dim=-1) - (probs * finite).sum(-1)

@@ -93,6 +93,20 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             return torch.device("cpu", 0)  # DeepSpeed reads ``device.index``
         return super().root_device
 
+    def on_train_start(self) -> None:
+        """Restore the training dataloader's mid-epoch position from the checkpoint.
+
+        DeepSpeed restores checkpoints after ``setup`` (``restore_checkpoint_after_setup``), but the fit loop
+        builds and starts iterating its dataloader earlier (to estimate the number of steps for the LR schedule)
+        and never applies the dataloader state it restores later; without this, a resumed run restarts the
+        epoch's data. Load the state, then restart the iterator so it takes effect.
+        """
+        super().on_train_start()
+        fit_loop = self.lightning_module.trainer.fit_loop
+        if fit_loop._combined_loader_states_to_load and fit_loop._data_fetcher is not None:
+            fit_loop._load_combined_loader_states()
+            iter(fit_loop._data_fetcher)
+
     def setup_environment(self) -> None:
         if self.on_cpu:
             DDPStrategy.setup_environment(self)  # Lightning's DeepSpeed refuses non-CUDA accelerators here

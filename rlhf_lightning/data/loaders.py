@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool, collate_fn: Callable,
-                     trainer: pl.Trainer | None = None, seed: int = 42, num_workers: int = 0) -> DataLoader:
-    """A DataLoader that shards ``dataset`` over the trainer's ranks and honours ``shuffle``.
+                     trainer: pl.Trainer | None = None, seed: int = 42, num_workers: int = 0) -> StatefulDataLoader:
+    """A resumable DataLoader that shards ``dataset`` over the trainer's ranks and honours ``shuffle``.
+
+    ``StatefulDataLoader`` (torchdata) records how far into the epoch it got; Lightning stores that in checkpoints,
+    so ``fit --ckpt_path`` resumes mid-epoch with the next unseen batch instead of restarting the epoch.
 
     The sampler is built here because Lightning's automatic distributed sampler always shuffles training data,
     which would silently ignore ``shuffle: false`` under DeepSpeed (a distributed strategy even on one device).
@@ -20,5 +24,5 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool, collate_f
     if trainer is not None:
         sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
                                      shuffle=shuffle, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+    return StatefulDataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
                       sampler=sampler, num_workers=num_workers, collate_fn=collate_fn)

@@ -17,7 +17,7 @@ import datasets
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader
 
 from rlhf_lightning.data.collate import IGNORE_INDEX, pad_sequences
 from rlhf_lightning.data.formatting import encode_prompt_response, fit_prompt

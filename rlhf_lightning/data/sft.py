@@ -12,7 +12,7 @@ from typing import Literal
 import datasets
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader
 
 from rlhf_lightning.data.collate import IGNORE_INDEX, SFTCollator
 from rlhf_lightning.data.formatting import render_chat, render_prompt_response, tokenize_with_spans, truncate

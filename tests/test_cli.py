@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, base_args, run_cli
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -56,8 +57,18 @@ def test_wandb_logger_offline(tmp_path, tiny_model_dir, monkeypatch):
     assert runs and any(runs[0].glob("*.wandb"))
 
 
-def test_validate_subcommand(tmp_path, tiny_model_dir):
-    run_dir = tmp_path / "val"
-    args = base_args(run_dir, tiny_model_dir) + ["--data.init_args.val_split", "0.1"]
-    args[0] = "validate"
-    run_cli(args)
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluation_subcommands(tmp_path, tiny_model_dir, subcommand):
+    from rlhf_lightning.__main__ import main
+
+    run_dir = tmp_path / subcommand
+    args = base_args(run_dir, tiny_model_dir) + ["--data.init_args.val_split", "0.1", "--data.init_args.max_samples",
+                                                 "64"]
+    args[0] = subcommand
+    cli = main(args)
+    if subcommand == "predict":  # per-sample mean NLL of the 57 training samples (64 minus the hold-out)
+        scores = torch.cat(cli.trainer.predict_loop.predictions)
+        assert scores.shape == (57,) and torch.isfinite(scores).all() and (scores > 0).all()
+    else:
+        metrics = cli.trainer.callback_metrics
+        assert torch.isfinite(metrics[f"{'val' if subcommand == 'validate' else 'test'}/loss"])

@@ -207,10 +207,14 @@ def test_precomputed_reference_survives_resume(tmp_path, tiny_model_dir, easy_pa
     assert [int(r["step"]) for r in read_metrics(run_dir) if r.get("train/loss")] == [5, 6, 7]
 
 
-def test_dpo_zero2_offload_two_ranks(tmp_path, tiny_model_dir, easy_pairs):
+@pytest.mark.parametrize(("stage", "offload", "precompute"), [(2, "true", "true"), (3, "false", "false")])
+def test_dpo_two_ranks(tmp_path, tiny_model_dir, easy_pairs, stage, offload, precompute):
+    """ZeRO-2 + CPU Adam with cached reference; ZeRO-3 with a live, partitioned reference model."""
     run_dir = tmp_path / "dpo2"
     run_cli_subprocess(base_args(run_dir, tiny_model_dir, data=easy_pairs, config=CONFIGS / "dpo.yaml")
-                       + ["--trainer.devices", "2", "--trainer.strategy.init_args.offload_optimizer", "true",
+                       + ["--trainer.devices", "2", "--trainer.strategy.init_args.offload_optimizer", offload,
+                          "--trainer.strategy.init_args.stage", str(stage),
+                          "--model.init_args.precompute_reference", precompute,
                           "--trainer.max_epochs", "2", "--model.init_args.optimizer.init_args.lr", "3e-3",
                           "--data.init_args.batch_size", "8"])
     rows = read_metrics(run_dir)

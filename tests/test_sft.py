@@ -7,7 +7,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 def test_sft_learns_exports_and_reloads(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
-    run_cli(base_args(run_dir, tiny_model_dir) + ["--trainer.max_epochs", "2", "--data.init_args.val_split", "0.1"])
+    args = base_args(run_dir, tiny_model_dir) + ["--trainer.max_epochs", "2", "--data.init_args.val_split", "0.1"]
+    args[args.index("--trainer.callbacks") + 1] = args[args.index("--trainer.callbacks") + 1].replace(
+        '"dirpath": "' + str(run_dir / "hf") + '"', '"dirpath": "' + str(run_dir / "hf") + '", "every_n_steps": 50')
+    run_cli(args)
+    assert (run_dir / "hf" / "step-50" / "model.safetensors").exists()  # periodic export, besides the final one
     rows = read_metrics(run_dir)
     losses = metric_series(rows, "train/loss")
     assert all(torch.isfinite(torch.tensor(losses)))

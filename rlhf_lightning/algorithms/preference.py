@@ -62,7 +62,15 @@ class PreferenceModule(RLHFModule):
             self.val_metrics[name].update(value.detach().float())
 
     def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
         for name, metric in self.val_metrics.items():
             if metric.update_called:
-                self.log(f"val/{name}", metric.compute(), prog_bar=name == "accuracy", sync_dist=True)
+                self.log(f"{stage}/{name}", metric.compute(), prog_bar=name == "accuracy", sync_dist=True)
             metric.reset()

@@ -69,6 +69,12 @@ class RewardModel(PreferenceModule):
                       "margin": chosen - rejected}
 
     @torch.no_grad()
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Rewards (B, 2) [chosen, rejected] of a preference batch (scores a dataset with ``predict``)."""
+        rewards = last_token_rewards(self.model, batch["input_ids"], batch["attention_mask"])
+        return torch.stack(split_pairs(rewards), dim=1)
+
+    @torch.no_grad()
     def prepare_export(self) -> None:
         """Store the reward mean/std over training pairs in the model config (called by ``HFExport``)."""
         datamodule = self.trainer.datamodule

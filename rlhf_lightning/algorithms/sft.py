@@ -12,7 +12,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.algorithms.base import RLHFModule
-from rlhf_lightning.losses import IGNORE_INDEX, sft_nll, shift_labels
+from rlhf_lightning.losses import IGNORE_INDEX, sequence_log_probs, sft_nll, shift_labels
 
 
 class SFT(RLHFModule):
@@ -44,7 +44,21 @@ class SFT(RLHFModule):
         self.val_loss.update(loss, weight=n_targets)
 
     def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
         loss = self.val_loss.compute()  # token-weighted mean, synced across ranks
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # already equal on all ranks
-        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)  # already equal on all ranks
+        self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Per-sample mean NLL of the response tokens (scores a dataset with ``predict``)."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return -sequence_log_probs(logits, shift_labels(batch["labels"]), average=True)

@@ -145,3 +145,11 @@ class SFTDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        """``test`` evaluates the validation data (``val_path`` or the ``val_split`` hold-out)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """``predict`` scores the training data (``path``) in order."""
+        return self._loader(self.train_dataset, shuffle=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
@@ -13,9 +14,12 @@ from lightning.pytorch.utilities import rank_zero_info
 log = logging.getLogger(__name__)
 
 
-def gather_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
-    """Full state dict of ``module`` on CPU at ``rank`` 0 (empty elsewhere), gathering ZeRO-3 partitions one
-    parameter at a time so peak memory stays at one parameter beyond the CPU copy. Call on every rank."""
+def gather_state_dict(module: torch.nn.Module, rank: int, all_ranks: bool = False) -> dict[str, torch.Tensor]:
+    """Full state dict of ``module`` on CPU at ``rank`` 0 (empty elsewhere, unless ``all_ranks``), gathering ZeRO-3
+    partitions one parameter at a time so peak memory stays at one parameter beyond the CPU copy. Call on every
+    rank."""
+    if all_ranks:
+        rank = 0
     state: dict[str, torch.Tensor] = {}
     zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
     if zero3:
@@ -82,3 +86,49 @@ class HFExport(Callback):
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if self.at_end:
             self._export(trainer, module, self.dirpath)
+
+
+class SampleTable(Callback):
+    """Log a table of rollout samples (prompt, response, reward) every ``every_n_steps`` training steps.
+
+    Reads ``module.last_samples`` (set by the PPO family). CSV loggers get ``samples.csv`` in their log
+    directory, TensorBoard a markdown text entry, wandb a ``wandb.Table``.
+
+    Args:
+        every_n_steps: logging period in training steps.
+        max_rows: samples per table.
+    """
+
+    def __init__(self, every_n_steps: int = 10, max_rows: int = 8) -> None:
+        self.every_n_steps = every_n_steps
+        self.max_rows = max_rows
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: object) -> None:
+        batch_idx = trainer.fit_loop.epoch_loop.batch_progress.current.completed - 1
+        samples = getattr(module, "last_samples", [])[: self.max_rows]
+        if not samples or batch_idx % self.every_n_steps or trainer.global_rank != 0:
+            return
+        rows = [[trainer.global_step, s["prompt"], s["response"], round(float(s["reward"]), 4)] for s in samples]
+        for logger in trainer.loggers:
+            self._log(logger, rows, trainer.global_step)
+
+    @staticmethod
+    def _log(logger: object, rows: list[list], step: int) -> None:
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+        columns = ["step", "prompt", "response", "reward"]
+        if isinstance(logger, CSVLogger):
+            path = Path(logger.log_dir) / "samples.csv"
+            new = not path.exists()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(columns)
+                writer.writerows(rows)
+        elif isinstance(logger, TensorBoardLogger):
+            table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+            table += "\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows)
+            logger.experiment.add_text("samples", table, global_step=step)
+        elif isinstance(logger, WandbLogger):
+            logger.log_table(key="samples", columns=columns, data=rows, step=step)

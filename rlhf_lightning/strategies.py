@@ -107,6 +107,18 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             fit_loop._load_combined_loader_states()
             iter(fit_loop._data_fetcher)
 
+    def micro_batch_boundary(self, last: bool) -> None:
+        """Call before each micro-batch's forward under manual optimization.
+
+        DeepSpeed advances its gradient-accumulation state in ``engine.forward``, which Lightning calls once per
+        ``training_step``. Several ``manual_backward`` calls in one step then silently keep only the last
+        micro-batch's gradients unless the engine is told which backward closes the accumulation window.
+        """
+        engine = self.deepspeed_engine
+        engine.set_gradient_accumulation_boundary(last)
+        if hasattr(engine.optimizer, "clear_backward_seen_flag"):
+            engine.optimizer.clear_backward_seen_flag()
+
     def setup_environment(self) -> None:
         if self.on_cpu:
             DDPStrategy.setup_environment(self)  # Lightning's DeepSpeed refuses non-CUDA accelerators here

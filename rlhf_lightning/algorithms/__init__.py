@@ -4,9 +4,10 @@ from rlhf_lightning.algorithms.base import RLHFModule
 from rlhf_lightning.algorithms.dpo import DPO
 from rlhf_lightning.algorithms.kto import KTO
 from rlhf_lightning.algorithms.orpo import ORPO
+from rlhf_lightning.algorithms.ppo import PPO
 from rlhf_lightning.algorithms.preference import PreferenceModule
 from rlhf_lightning.algorithms.reward_model import RewardModel
 from rlhf_lightning.algorithms.sft import SFT
 from rlhf_lightning.algorithms.simpo import SimPO
 
-__all__ = ["DPO", "KTO", "ORPO", "PreferenceModule", "RLHFModule", "RewardModel", "SFT", "SimPO"]
+__all__ = ["DPO", "KTO", "ORPO", "PPO", "PreferenceModule", "RLHFModule", "RewardModel", "SFT", "SimPO"]

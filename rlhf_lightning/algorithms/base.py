@@ -95,7 +95,7 @@ class RLHFModule(LightningModule):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if isinstance(self.trainer.strategy, DeepSpeedStrategy) and self.trainer.strategy.offloads_optimizer:
             optimizer = to_deepspeed_cpu_adam(optimizer)
-        total = self.trainer.estimated_stepping_batches
+        total = self.total_optimizer_steps()
         warmup = int(self.hparams.warmup_steps * total) if self.hparams.warmup_steps < 1 else int(
             self.hparams.warmup_steps)
         name, extra = self.hparams.lr_scheduler, {}
@@ -104,6 +104,10 @@ class RLHFModule(LightningModule):
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total,
                                   scheduler_specific_kwargs=extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, for the LR schedule (override when a step makes several)."""
+        return int(self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------------------------------------ throughput
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -1,6 +1,7 @@
 """Datasets, collators and LightningDataModules."""
 
 from rlhf_lightning.data.preference import PreferenceDataModule, UnpairedPreferenceDataModule
+from rlhf_lightning.data.prompts import PromptDataModule
 from rlhf_lightning.data.sft import SFTDataModule
 
-__all__ = ["PreferenceDataModule", "SFTDataModule", "UnpairedPreferenceDataModule"]
+__all__ = ["PreferenceDataModule", "PromptDataModule", "SFTDataModule", "UnpairedPreferenceDataModule"]

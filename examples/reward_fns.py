@@ -1,0 +1,18 @@
+"""Rule-based reward functions for the bundled addition task (``model.init_args.reward_functions``).
+
+A reward function takes the prompts, the decoded responses and the prompt data's labels (``label_key``) and
+returns one float per response:
+
+    reward_functions: [examples/reward_fns.py:exact_sum]
+"""
+
+
+def exact_sum(prompts: list[str], responses: list[str], labels: list[str | None]) -> list[float]:
+    """1.0 when the response is exactly the correct sum (the label), else 0.0."""
+    return [float(r.strip() == (label or "").strip()) for r, label in zip(responses, labels, strict=True)]
+
+
+def even_answer(prompts: list[str], responses: list[str], labels: list[str | None]) -> list[float]:
+    """1.0 when the response is a number ending in an even digit: a preference a tiny model can learn in a
+    few PPO steps (used by the tests)."""
+    return [float(r.strip().isdigit() and int(r.strip()[-1]) % 2 == 0) for r in responses]

@@ -1,0 +1,342 @@
+"""PPO and its critic-free relatives (GRPO, Dr. GRPO, RLOO, REINFORCE++), one LightningModule.
+
+    python -m rlhf_lightning fit --config configs/tiny/grpo.yaml
+
+One ``training_step`` = one rollout and its updates:
+
+1. push the policy's weights to the generation workers if they changed (version-checked);
+2. sample ``n_samples_per_prompt`` responses per prompt on the generation workers;
+3. launch reference log-probs and reward-model scores together, compute rule rewards and (locally, no grad)
+   the old log-probs and values while they run, then wait for both;
+4. score − KL → advantages with the chosen estimator (``rlhf_lightning.advantages``);
+5. ``ppo_epochs`` × mini-batches × micro-batches of clipped policy (+ value) loss, gradients accumulated over
+   micro-batches (DeepSpeed is told where each accumulation window closes).
+
+Actor and critic train under one optimizer with two parameter groups (DeepSpeed accepts one optimizer), the
+critic with its own ``critic_learning_rate``. With ``kl_coef: 0`` no reference worker is started at all.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from rlhf_lightning import advantages as adv
+from rlhf_lightning.algorithms.base import RLHFModule
+from rlhf_lightning.algorithms.reward_model import score_head
+from rlhf_lightning.callbacks import gather_state_dict
+from rlhf_lightning.data.collate import IGNORE_INDEX, pad_sequences
+from rlhf_lightning.losses import aggregate, entropy_from_logits, policy_loss, shift_labels, token_log_probs, value_loss
+from rlhf_lightning.rollout.engine import Rollout, RolloutConfig
+from rlhf_lightning.rollout.rewards import RemoteReward, checked_scores, load_reward_fn
+from rlhf_lightning.strategies import DeepSpeedStrategy
+
+Estimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_baseline"]
+
+
+class PPO(RLHFModule):
+    """PPO / GRPO / RLOO / REINFORCE++ (see the module docstring for the loop).
+
+    Args:
+        advantage_estimator: ``gae`` (PPO, trains a critic), ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce_pp``,
+            ``reinforce_baseline`` (critic-free; group estimators need ``n_samples_per_prompt`` > 1).
+        n_samples_per_prompt: responses sampled per prompt.
+        max_new_tokens: response length limit.
+        temperature: sampling temperature (0 = greedy).
+        top_p: nucleus sampling.
+        top_k: top-k sampling (0 = off).
+        reward_models: reward-model paths (exports of ``RewardModel``), each run by its own worker.
+        reward_functions: rule rewards as ``file.py:fn`` or ``module:fn`` (prompts, responses, labels -> floats).
+        remote_reward_url: an HTTP reward endpoint (see ``RemoteReward``).
+        remote_reward_timeout: seconds before a remote reward call fails.
+        reward_weights: one weight per reward source, in the order models, functions, remote (default all 1).
+        normalize_reward: standardise reward-model scores with the mean/std stored in the model.
+        reward_clip: clip the combined score to [-c, c] (``None`` = no clipping).
+        reference_model: reference policy (default: ``model``); unused when ``kl_coef`` is 0.
+        kl_coef: KL coefficient β (initial value when ``kl_target`` is set).
+        kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman's approximations).
+        kl_in_reward: subtract β·KL from the per-token reward (PPO) instead of adding it to the loss (GRPO).
+        kl_target: adaptive β towards this KL (Ziegler et al. 2019); ``None`` keeps β fixed.
+        kl_horizon: horizon of the adaptive controller, in samples.
+        critic_model: initial weights of the critic (default: the first reward model, else the policy).
+        critic_learning_rate: the critic's learning rate (default: the optimizer's).
+        gamma: discount.
+        lam: GAE λ.
+        whiten_advantages: standardise GAE advantages over the batch.
+        ppo_epochs: passes over each rollout.
+        mini_batch_size: sequences per optimizer step (default: the whole rollout).
+        micro_batch_size: sequences per forward/backward pass.
+        clip_low: PPO ratio clip below 1.
+        clip_high: PPO ratio clip above 1 (> clip_low = DAPO's clip-higher).
+        dual_clip: dual-clip bound for negative advantages (``None`` = off).
+        value_clip: PPO2 value clipping range (``None`` = off).
+        value_loss_coef: weight of the value loss.
+        entropy_coef: entropy bonus weight.
+        loss_aggregation: ``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum``.
+        rollout: where generation, reference and reward workers run (``local`` or ``ray``; see ``RolloutConfig``).
+        kwargs: model, optimizer and schedule options of :class:`RLHFModule`.
+    """
+
+    def __init__(
+        self, *args: Any, advantage_estimator: Estimator = "gae", n_samples_per_prompt: int = 1,
+        max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+        reward_models: list[str] | None = None, reward_functions: list[str] | None = None,
+        remote_reward_url: str | None = None, remote_reward_timeout: float = 30.0,
+        reward_weights: list[float] | None = None, normalize_reward: bool = True, reward_clip: float | None = 10.0,
+        reference_model: str | None = None, kl_coef: float = 0.05, kl_estimator: Literal["k1", "k2", "k3"] = "k1",
+        kl_in_reward: bool = True, kl_target: float | None = None, kl_horizon: int = 10_000,
+        critic_model: str | None = None, critic_learning_rate: float | None = None, gamma: float = 1.0,
+        lam: float = 0.95, whiten_advantages: bool = True, ppo_epochs: int = 1, mini_batch_size: int | None = None,
+        micro_batch_size: int = 8, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
+        value_clip: float | None = 0.2, value_loss_coef: float = 0.5, entropy_coef: float = 0.0,
+        loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean",
+        rollout: RolloutConfig | None = None, **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        self.rollout_config = rollout or RolloutConfig()
+        self.critic: torch.nn.Module | None = None
+        self.rollout: Rollout | None = None
+        self.policy_version, self.synced_version = 0, 0
+        self.kl_controller = (adv.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if kl_target
+                              else adv.FixedKLController(kl_coef))
+        self.reward_fns = [(spec, load_reward_fn(spec)) for spec in reward_functions or []]
+        if remote_reward_url:
+            self.reward_fns.append((remote_reward_url, RemoteReward(remote_reward_url, remote_reward_timeout)))
+        sources = len(reward_models or []) + len(self.reward_fns)
+        if sources == 0:
+            raise ValueError("PPO needs a reward: set model.init_args.reward_models, reward_functions or "
+                             "remote_reward_url.")
+        if reward_weights is not None and len(reward_weights) != sources:
+            raise ValueError(f"reward_weights has {len(reward_weights)} entries for {sources} reward sources.")
+        if advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_baseline") and n_samples_per_prompt < 2:
+            raise ValueError(f"advantage_estimator={advantage_estimator} compares samples of one prompt: set "
+                             f"n_samples_per_prompt >= 2 (got {n_samples_per_prompt}).")
+        self.last_samples: list[dict[str, Any]] = []  # read by rlhf_lightning.callbacks.SampleTable
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.hparams.advantage_estimator == "gae"
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def configure_model(self) -> None:
+        super().configure_model()
+        hp = self.hparams
+        if self.uses_critic and self.critic is None:
+            self.critic = self.load_model(hp.critic_model or (hp.reward_models or [hp.model])[0], score_head=True)
+            self.critic.train()
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.rollout is not None:
+            return
+        hp, config = self.hparams, self.rollout_config
+        kwargs = {"dtype": hp.dtype, "attn_implementation": hp.attn_implementation,
+                  "trust_remote_code": hp.trust_remote_code}
+        if config.backend == "local":
+            kwargs["device"] = str(self.trainer.strategy.root_device.type)
+        reference = (hp.reference_model or hp.model) if hp.kl_coef > 0 or hp.kl_target else None
+        make = lambda create: Rollout(config, hp.model, reference, hp.reward_models or [], kwargs, create)  # noqa: E731
+        if config.backend == "local" or self.global_rank == 0:
+            self.rollout = make(True)
+        self.trainer.strategy.barrier("rollout workers started")
+        if self.rollout is None:
+            self.rollout = make(False)
+
+    def teardown(self, stage: str) -> None:
+        if self.rollout is not None:
+            if self.rollout_config.backend == "ray" and self.global_rank == 0:
+                self.rollout.shutdown()
+            self.rollout = None
+
+    def trainable_parameters(self) -> list[dict]:
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        if self.critic is not None:
+            critic = {"params": [p for p in self.critic.parameters() if p.requires_grad]}
+            if self.hparams.critic_learning_rate is not None:
+                critic["lr"] = self.hparams.critic_learning_rate
+            groups.append(critic)
+        return groups
+
+    def rollout_size(self) -> int:
+        return self.trainer.datamodule.hparams.batch_size * self.hparams.n_samples_per_prompt
+
+    def total_optimizer_steps(self) -> int:
+        per_rollout = math.ceil(self.rollout_size() / (self.hparams.mini_batch_size or self.rollout_size()))
+        return int(self.trainer.estimated_stepping_batches) * self.hparams.ppo_epochs * per_rollout
+
+    # -------------------------------------------------------------------------------------------- rollout
+    def sync_weights(self) -> None:
+        """Push the policy to the generation workers if it changed since the last push."""
+        if self.synced_version == self.policy_version:
+            return
+        local = self.rollout_config.backend == "local"
+        state = gather_state_dict(self.model, self.global_rank, all_ranks=local)
+        if local or self.global_rank == 0:
+            self.rollout.push_weights(state, self.policy_version)
+        self.trainer.strategy.barrier("weights pushed")
+        self.synced_version = self.policy_version
+
+    def values_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Critic values (N, L); position t is the value of the state that predicts token t + 1."""
+        hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return score_head(self.critic)(hidden).squeeze(-1).float()
+
+    @torch.no_grad()
+    def make_experience(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        hp, tok = self.hparams, self.tokenizer
+        started = time.perf_counter()
+        self.sync_weights()
+        responses, versions = self.rollout.generate(
+            batch["prompt_ids"], n=hp.n_samples_per_prompt, max_new_tokens=hp.max_new_tokens,
+            temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k, eos_token_ids=[tok.eos_token_id],
+            pad_token_id=tok.pad_token_id)
+        if any(v != self.policy_version for v in versions):
+            raise RuntimeError(f"Rollout used weight versions {versions}, policy is at {self.policy_version}.")
+        generated = time.perf_counter()
+        n = hp.n_samples_per_prompt
+        prompts = [p for p in batch["prompt_ids"] for _ in range(n)]
+        input_ids = pad_sequences([p + r for p, r in zip(prompts, responses, strict=True)], tok.pad_token_id)
+        attention_mask = pad_sequences([[1] * (len(p) + len(r)) for p, r in zip(prompts, responses, strict=True)], 0)
+        labels = pad_sequences([[IGNORE_INDEX] * len(p) + r for p, r in zip(prompts, responses, strict=True)],
+                               IGNORE_INDEX)
+        handles = self.rollout.score_async(input_ids, attention_mask, labels, hp.normalize_reward)
+
+        # While reference and reward workers run: rule rewards, old log-probs and values, here.
+        texts = tok.batch_decode(responses, skip_special_tokens=True)
+        prompt_texts = [t for t in batch["prompt_text"] for _ in range(n)]
+        labels_text = [lab for lab in batch["label"] for _ in range(n)]
+        rule_scores = [torch.tensor(checked_scores(fn, name, prompt_texts, texts, labels_text))
+                       for name, fn in self.reward_fns]
+        input_ids, attention_mask, labels = (t.to(self.device) for t in (input_ids, attention_mask, labels))
+        mask = shift_labels(labels) != IGNORE_INDEX
+        old_logps, values = [], []
+        for sl in self.micro_slices(len(responses)):
+            logits = self.model(input_ids=input_ids[sl], attention_mask=attention_mask[sl]).logits
+            old_logps.append(token_log_probs(logits, shift_labels(labels[sl])))
+            if self.critic is not None:
+                values.append(self.values_of(input_ids[sl], attention_mask[sl]) * mask[sl])
+        old_logps = torch.cat(old_logps)
+        results = dict(zip(handles, self.rollout.wait(list(handles.values())), strict=True))
+        scored = time.perf_counter()
+
+        model_scores = [results[g] for g in self.rollout.reward_groups]
+        sources = torch.stack([s.float() for s in model_scores + rule_scores]).to(self.device)  # (sources, N)
+        weights = torch.tensor(hp.reward_weights or [1.0] * len(sources), device=self.device)
+        scores = (weights[:, None] * sources).sum(0)
+        if hp.reward_clip is not None:
+            scores = scores.clamp(-hp.reward_clip, hp.reward_clip)
+        ref_logps = results["reference"].to(self.device) if "reference" in results else old_logps
+        kl = adv.kl_penalty(old_logps, ref_logps, hp.kl_estimator) * mask
+        beta = self.kl_controller.value if hp.kl_in_reward else 0.0
+        advantages, returns = self.estimate_advantages(scores, kl, mask, torch.cat(values) if values else None, beta)
+        self.last_samples = [{"prompt": p, "response": r, "reward": float(s)}
+                             for p, r, s in zip(prompt_texts, texts, scores.tolist(), strict=True)]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "mask": mask,
+                "old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages, "returns": returns,
+                "values": torch.cat(values) if values else None, "scores": scores, "kl": kl,
+                "generate_s": generated - started, "score_s": scored - generated}
+
+    def estimate_advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                            values: torch.Tensor | None, beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token-level advantages (N, L) (and returns for the critic) from sequence scores and per-token KL."""
+        hp, n = self.hparams, self.hparams.n_samples_per_prompt
+        estimator = hp.advantage_estimator
+        if estimator == "gae":
+            rewards = adv.token_rewards(scores, kl, mask, beta)
+            advantages, returns = adv.gae(rewards, values, mask, hp.gamma, hp.lam)
+            return (adv.masked_whiten(advantages, mask) if hp.whiten_advantages else advantages), returns
+        if estimator == "reinforce_pp":
+            return adv.reinforce_pp_advantages(scores, kl, mask, beta, hp.gamma), None
+        if estimator == "reinforce_baseline":
+            return adv.reinforce_baseline_advantages(scores, kl, mask, beta, n, hp.gamma), None
+        shaped = scores - beta * kl.sum(-1)
+        if estimator == "rloo":
+            sequence = adv.rloo_advantages(shaped, n)
+        else:
+            sequence = adv.group_advantages(shaped, n, normalize_std=estimator == "grpo")
+        return sequence[:, None] * mask, None
+
+    # ------------------------------------------------------------------------------------------- training
+    def micro_slices(self, size: int) -> list[slice]:
+        step = self.hparams.micro_batch_size
+        return [slice(i, min(i + step, size)) for i in range(0, size, step)]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        started = time.perf_counter()
+        exp = self.make_experience(batch)
+        trained = time.perf_counter()
+        stats = self.train_on_experience(exp)
+        self.policy_version += 1
+        mean_kl = float(exp["kl"].sum(-1).mean())  # per-sequence KL to the reference
+        self.kl_controller.update(mean_kl, n_steps=len(exp["scores"]))
+        done = time.perf_counter()
+        lengths = exp["mask"].sum(-1).float()
+        self.log_dict({
+            "train/reward": exp["scores"].mean(), "train/reward_std": exp["scores"].std(),
+            "train/kl": mean_kl, "train/kl_coef": self.kl_controller.value, "train/policy_version": self.policy_version,
+            "train/response_length": lengths.mean(), **{f"train/{k}": v for k, v in stats.items()},
+            "time/generate_s": exp["generate_s"], "time/score_s": exp["score_s"], "time/train_s": done - trained,
+            "train/samples_per_sec": len(exp["scores"]) / (done - started),
+        }, prog_bar=False)
+        self.log("train/reward_mean", exp["scores"].mean(), prog_bar=True)
+
+    def train_on_experience(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
+        hp = self.hparams
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        size = len(exp["scores"])
+        mini = hp.mini_batch_size or size
+        totals: dict[str, float] = {}
+        for _ in range(hp.ppo_epochs):
+            for start in range(0, size, mini):
+                slices = [slice(start + s.start, start + s.stop) for s in self.micro_slices(min(mini, size - start))]
+                for i, sl in enumerate(slices):
+                    if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+                        self.trainer.strategy.micro_batch_boundary(last=i == len(slices) - 1)
+                    loss, stats = self.micro_batch_loss(exp, sl)
+                    self.manual_backward(loss * (sl.stop - sl.start) / min(mini, size - start))
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) / (len(slices) * hp.ppo_epochs)
+                optimizer.step()
+                optimizer.zero_grad()
+                scheduler.step()
+        return totals
+
+    def micro_batch_loss(self, exp: dict[str, torch.Tensor], sl: slice) -> tuple[torch.Tensor, dict[str, Any]]:
+        hp = self.hparams
+        mask = exp["mask"][sl]
+        logits = self.model(input_ids=exp["input_ids"][sl], attention_mask=exp["attention_mask"][sl]).logits
+        logps = token_log_probs(logits, shift_labels(exp["labels"][sl]))
+        loss, stats = policy_loss(logps, exp["old_logps"][sl], exp["advantages"][sl], mask, hp.clip_low,
+                                  hp.clip_high, hp.dual_clip, hp.loss_aggregation)
+        stats = {k: v.detach() for k, v in stats.items()}
+        if not hp.kl_in_reward and (hp.kl_coef > 0 or hp.kl_target):
+            kl = aggregate(adv.kl_penalty(logps, exp["ref_logps"][sl], hp.kl_estimator), mask, hp.loss_aggregation)
+            loss = loss + self.kl_controller.value * kl
+            stats["kl_loss"] = kl.detach()
+        if hp.entropy_coef:
+            entropy = aggregate(entropy_from_logits(logits), mask, hp.loss_aggregation)
+            loss = loss - hp.entropy_coef * entropy
+            stats["entropy"] = entropy.detach()
+        stats["policy_loss"] = loss.detach()
+        if self.critic is not None:
+            values = self.values_of(exp["input_ids"][sl], exp["attention_mask"][sl])
+            vloss, vstats = value_loss(values, exp["values"][sl], exp["returns"][sl], mask, hp.value_clip,
+                                       hp.loss_aggregation)
+            loss = loss + hp.value_loss_coef * vloss
+            explained = 1 - (exp["returns"][sl] - values.detach())[mask].var() / exp["returns"][sl][mask].var()
+            stats.update(value_loss=vloss.detach(), explained_variance=explained, **vstats)
+        return loss, stats
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ppo"] = {"policy_version": self.policy_version, "kl": self.kl_controller.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("ppo", {})
+        self.policy_version = state.get("policy_version", 0)  # != 0 makes sync_weights push the restored weights
+        self.kl_controller.load_state_dict(state.get("kl", {"value": self.kl_controller.value}))
+        rank_zero_info(f"Restored PPO state: policy version {self.policy_version}, KL coef {self.kl_controller.value}")

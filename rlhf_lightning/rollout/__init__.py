@@ -1,0 +1,1 @@
+"""Rollout workers (generation, reference, reward), their local/Ray engine, and reward functions."""

@@ -1,0 +1,96 @@
+"""Rollout workers: generation, reference log-probs and reward-model scores.
+
+Plain classes, so the same code runs in-process (``local`` backend) or as Ray actors on their own devices
+(``ray`` backend). Tensors cross the boundary on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_lightning.losses import shift_labels, token_log_probs
+from rlhf_lightning.models import load_causal_lm
+
+
+class ModelWorker:
+    """Holds one frozen Hugging Face model on ``device``."""
+
+    score_head = False
+
+    def __init__(self, model: str, dtype: str = "float32", attn_implementation: str | None = None,
+                 trust_remote_code: bool = False, device: str | None = None, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_causal_lm(model, dtype=dtype, attn_implementation=attn_implementation,
+                                    trust_remote_code=trust_remote_code, score_head=self.score_head)
+        self.model.to(self.device).eval().requires_grad_(False)
+
+    def ready(self) -> bool:
+        return True
+
+
+class GenerationWorker(ModelWorker):
+    """Samples responses from a copy of the policy; the trainer pushes new weights with a version number, so a
+    rollout can check it never uses stale weights."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.version = 0  # the weights loaded from ``model`` are the trainer's version 0
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        """Load a full (unsharded) policy state dict; tied weights (e.g. ``lm_head`` = embeddings) may be absent."""
+        expected = {name for name, _ in self.model.named_parameters()}  # tied parameters listed once
+        missing = expected - state_dict.keys()
+        if missing:
+            raise KeyError(f"Weight push lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}.")
+        self.model.load_state_dict(state_dict, strict=False)
+        self.version = version
+        return version
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float,
+                 top_k: int, eos_token_ids: list[int], pad_token_id: int) -> dict:
+        """``n`` responses per prompt, grouped by prompt; each ends at (and includes) its first EOS token."""
+        prompt_ids = [p for p in prompt_ids for _ in range(n)]  # n rows per prompt (greedy allows no n>1)
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompt_ids):  # left padding for generation
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} \
+            if temperature > 0 else {"do_sample": False}
+        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                  max_new_tokens=max_new_tokens,
+                                  eos_token_id=eos_token_ids, pad_token_id=pad_token_id, **sampling)
+        responses = []
+        for row in out[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in eos_token_ids), len(row))
+            responses.append(row[:end])
+        return {"responses": responses, "version": self.version}
+
+
+class ReferenceWorker(ModelWorker):
+    """Per-token log-probs of the labelled tokens under the frozen reference policy."""
+
+    @torch.no_grad()
+    def log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
+        return token_log_probs(logits, shift_labels(labels.to(self.device))).cpu()
+
+
+class RewardModelWorker(ModelWorker):
+    """Scalar reward of each sequence from a trained reward model, normalised with the mean/std the reward
+    model stored at export (``reward_mean``/``reward_std`` in its config) when ``normalize`` is set."""
+
+    score_head = True
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        from rlhf_lightning.algorithms.reward_model import last_token_rewards
+
+        rewards = last_token_rewards(self.model, input_ids.to(self.device), attention_mask.to(self.device)).cpu()
+        config = self.model.config
+        if normalize and getattr(config, "reward_std", None):
+            rewards = (rewards - config.reward_mean) / config.reward_std
+        return rewards

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -31,6 +33,16 @@ class RLHFCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def before_fit(self) -> None:
+        """Start (or join) Ray in the launching process, before Lightning spawns the other local ranks, so they
+        find the cluster through ``RAY_ADDRESS``."""
+        config = getattr(self.model, "rollout_config", None)
+        launching_process = os.environ.get("LOCAL_RANK", "0") == "0"  # Lightning sets LOCAL_RANK in the ranks it spawns
+        if config is not None and config.backend == "ray" and launching_process:
+            from rlhf_lightning.rollout.engine import start_ray
+
+            start_ray(config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(("model.init_args.model", "model.init_args.tokenizer"), "data.init_args.tokenizer",

@@ -73,7 +73,8 @@ def run_cli(args: list[str]) -> None:
 def run_cli_subprocess(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the CLI in a child process (needed for several ranks: Lightning re-launches the command per rank)."""
     # An earlier in-process run leaves Lightning's rendezvous variables (MASTER_PORT...) behind: drop them.
-    leaked = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
+    leaked = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
+              "RAY_ADDRESS"}
     env = {k: v for k, v in os.environ.items() if k not in leaked} | {"PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "rlhf_lightning", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -102,3 +102,45 @@ def test_local_rollout_splits_prompts_keeps_order_and_syncs_weights(sft_model_di
     one.push_weights(other, version=1)
     c, versions = one.generate(prompts, **sampling)
     assert versions == [1] and c != a
+
+
+# ------------------------------------------------------------------------------------------------------ ray
+def test_ray_rollout_actors_sync_weights(sft_model_dir, tiny_model_dir, monkeypatch):
+    """Separate Ray actors: greedy outputs change once new weights are pushed, and the version is checked."""
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = RolloutConfig(backend="ray", namespace="test-sync", generation=WorkerGroup(count=2, num_cpus=0.5),
+                           reference=WorkerGroup(num_cpus=0.5))
+    rollout = Rollout(config, str(sft_model_dir), str(sft_model_dir), [], {}, create=True)
+    try:
+        assert ray.get_actor("test-sync-generation-1", namespace="test-sync") is not None
+        prompts = [[1, 4, 949, 505, 226, 22 + i, 36, 2, 5] for i in range(3)]
+        sampling = {"n": 2, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "eos_token_ids": [2],
+                    "pad_token_id": 0}
+        before, versions = rollout.generate(prompts, **sampling)
+        assert versions == [0, 0] and len(before) == 6
+        rollout.push_weights(load_weights(tiny_model_dir), version=1)
+        after, versions = rollout.generate(prompts, **sampling)
+        assert versions == [1, 1] and after != before
+        ids = torch.tensor([prompts[0] + before[0]])
+        labels = torch.tensor([[-100] * len(prompts[0]) + before[0]])
+        handles = rollout.score_async(ids, torch.ones_like(ids), labels, normalize_rewards=True)
+        (ref_logps,) = rollout.wait(list(handles.values()))
+        assert ref_logps.shape == ids.shape and (ref_logps <= 0).all()
+    finally:
+        rollout.shutdown()
+        ray.shutdown()
+
+
+def test_grpo_two_ranks_on_ray(tmp_path, sft_model_dir):
+    """Two trainer ranks share Ray generation/reference actors; each rank gets different prompts."""
+    from conftest import run_cli_subprocess
+
+    run_dir = tmp_path / "grpo-ray"
+    run_cli_subprocess(rl_args(run_dir, sft_model_dir, "--trainer.max_steps", "10", "--trainer.devices", "2",
+                               "--data.init_args.batch_size", "4", "--model.init_args.rollout.backend", "ray",
+                               "--model.init_args.rollout.namespace", "test-grpo-ray",
+                               "--model.init_args.rollout.generation.num_cpus", "0.5",
+                               "--model.init_args.rollout.reference.num_cpus", "0.5"))
+    assert_reward_rises(run_dir, sft_model_dir)

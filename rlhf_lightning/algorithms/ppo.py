@@ -147,10 +147,16 @@ class PPO(RLHFModule):
             self.rollout = make(False)
 
     def teardown(self, stage: str) -> None:
-        if self.rollout is not None:
-            if self.rollout_config.backend == "ray" and self.global_rank == 0:
-                self.rollout.shutdown()
-            self.rollout = None
+        if self.rollout is None:
+            return
+        if self.rollout_config.backend == "ray":
+            import ray
+
+            self.trainer.strategy.barrier("rollout done")
+            if self.global_rank == 0:
+                self.rollout.shutdown()  # kills the actors
+            ray.shutdown()
+        self.rollout = None
 
     def trainable_parameters(self) -> list[dict]:
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]

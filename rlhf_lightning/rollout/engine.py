@@ -8,6 +8,7 @@ several at once, so reference and reward scoring run concurrently.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +48,18 @@ class RolloutConfig:
     reward: WorkerGroup = field(default_factory=WorkerGroup)
 
 
+def start_ray(config: RolloutConfig) -> None:
+    """Connect the driver (global rank 0, before the other ranks are launched) to Ray: ``ray_address`` or a new
+    local cluster. Its address goes into ``RAY_ADDRESS`` so the trainer ranks Lightning launches next join the
+    same cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray_address, namespace=config.namespace, include_dashboard=False,
+                 log_to_driver=False)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 class _Ready:
     """A local call's result, shaped like a Ray object reference for :meth:`Rollout.wait`."""
 
@@ -63,10 +76,11 @@ class Rollout:
         if config.backend == "ray":
             import ray
 
-            if not ray.is_initialized():
-                address = config.ray_address if config.ray_address else (None if create else "auto")
-                ray.init(address=address, namespace=config.namespace, include_dashboard=False,
-                         log_to_driver=False, ignore_reinit_error=True)
+            if create:
+                start_ray(config)
+            elif not ray.is_initialized():
+                address = os.environ.get("RAY_ADDRESS") or config.ray_address or "auto"
+                ray.init(address=address, namespace=config.namespace, log_to_driver=False)
         specs = [("generation", i, GenerationWorker, policy, config.generation)
                  for i in range(config.generation.count)]
         if reference is not None:

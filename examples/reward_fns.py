@@ -16,3 +16,16 @@ def even_answer(prompts: list[str], responses: list[str], labels: list[str | Non
     """1.0 when the response is a number ending in an even digit: a preference a tiny model can learn in a
     few PPO steps (used by the tests)."""
     return [float(r.strip().isdigit() and int(r.strip()[-1]) % 2 == 0) for r in responses]
+
+
+def final_answer(prompts: list[str], responses: list[str], labels: list[str | None]) -> list[float]:
+    """GSM8K-style: 1.0 when the last number in the response equals the label's final answer (the number after
+    ``####`` if present, else the label's last number)."""
+    import re
+
+    def last_number(text: str) -> str | None:
+        numbers = re.findall(r"-?\d[\d,]*\.?\d*", text.split("####")[-1])
+        return numbers[-1].replace(",", "").rstrip(".") if numbers else None
+
+    return [float(label is not None and last_number(r) is not None and last_number(r) == last_number(label))
+            for r, label in zip(responses, labels, strict=True)]

@@ -14,8 +14,8 @@ EXTRAS = {
     "bench": ["trl>=0.20", "psutil"],
     "plot": ["matplotlib>=3.7"],
 }
-EXTRAS["dev"] = ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15", *EXTRAS["deepspeed"], *EXTRAS["wandb"],
-                 *EXTRAS["plot"], *EXTRAS["ray"]]
+EXTRAS["dev"] = ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "tensorboard>=2.15", *EXTRAS["deepspeed"],
+                 *EXTRAS["wandb"], *EXTRAS["plot"], *EXTRAS["ray"]]
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name not in ("flash", "vllm") for dep in deps})
 
 setup(

@@ -70,14 +70,22 @@ def run_cli(args: list[str]) -> None:
     main(args)
 
 
-def run_cli_subprocess(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the CLI in a child process (needed for several ranks: Lightning re-launches the command per rank)."""
+def run_cli_subprocess(args: list[str], timeout: float = 600, env: dict[str, str] | None = None
+                       ) -> subprocess.CompletedProcess:
+    """Run the CLI in a child process (needed for several ranks: Lightning re-launches the command per rank).
+
+    stdin is closed, so nothing can wait for keyboard input; past ``timeout`` the child is killed and the test fails
+    with what it printed so far."""
     # An earlier in-process run leaves Lightning's rendezvous variables (MASTER_PORT...) behind: drop them.
     leaked = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
               "RAY_ADDRESS"}
-    env = {k: v for k, v in os.environ.items() if k not in leaked} | {"PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "rlhf_lightning", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    child_env = {k: v for k, v in os.environ.items() if k not in leaked} | {"PYTHONPATH": str(REPO)} | (env or {})
+    try:
+        proc = subprocess.run([sys.executable, "-m", "rlhf_lightning", *args], cwd=REPO, env=child_env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        out, errs = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (err.stdout, err.stderr))
+        pytest.fail(f"CLI did not finish within {timeout:.0f} s:\n{out[-3000:]}\n{errs[-6000:]}")
     assert proc.returncode == 0, f"CLI failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 

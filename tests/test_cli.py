@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, base_args, run_cli
+from conftest import REPO, base_args, run_cli, run_cli_subprocess
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -42,9 +42,14 @@ def test_several_config_files_and_dotted_overrides(tmp_path, capsys):
     assert "warmup_steps: 7" in out and "max_len: 64" in out
 
 
-def test_wandb_logger_offline(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_wandb_logger_offline(tmp_path, tiny_model_dir):
+    """WandbLogger through ``--trainer.logger`` writes an offline run. In a child process with every wandb directory
+    under ``tmp_path`` and its optional probes (system stats, git, code) off, so a machine without network or a
+    writable home cannot make it hang the suite."""
     run_dir = tmp_path / "wandb"
+    wandb_env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true",
+                 "WANDB_DISABLE_CODE": "true", "WANDB__DISABLE_STATS": "true", "WANDB__DISABLE_MACHINE_INFO": "true"}
+    wandb_env |= {f"WANDB_{d}_DIR": str(tmp_path / f"wandb-{d.lower()}") for d in ("CONFIG", "CACHE", "DATA")}
     args = base_args(run_dir, tiny_model_dir) + [
         "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
         "--trainer.logger.init_args.offline", "true",
@@ -52,7 +57,7 @@ def test_wandb_logger_offline(tmp_path, tiny_model_dir, monkeypatch):
         "--trainer.logger.init_args.project", "rlhf-lightning-test",
         "--trainer.max_steps", "3",
     ]
-    run_cli(args)
+    run_cli_subprocess(args, timeout=300, env=wandb_env)
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].glob("*.wandb"))
 

@@ -1,7 +1,10 @@
 """PPO family: rule rewards, rollout engine, GRPO and PPO (with critic) learning on the tiny model."""
 
+import http.server
 import json
 import math
+import socket
+import threading
 
 import pytest
 import torch
@@ -53,12 +56,72 @@ def test_grpo_learns_rule_reward(tmp_path, sft_model_dir):
     assert_reward_rises(run_dir, sft_model_dir)
 
 
-def test_ppo_with_critic_learns_rule_reward(tmp_path, sft_model_dir):
+def test_ppo_with_critic_learns_rule_reward_on_ray(tmp_path, sft_model_dir, monkeypatch):
+    """PPO with a critic (one optimizer, two param groups), generation and reference in separate Ray actors."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     run_dir = tmp_path / "ppo"
     run_cli(rl_args(run_dir, sft_model_dir, "--trainer.max_steps", "12", "--model.init_args.advantage_estimator", "gae",
-                    "--model.init_args.kl_in_reward", "true", "--model.init_args.critic_learning_rate", "5e-3"))
+                    "--model.init_args.kl_in_reward", "true", "--model.init_args.critic_learning_rate", "5e-3",
+                    "--model.init_args.rollout.backend", "ray", "--model.init_args.rollout.namespace", "test-ppo",
+                    "--model.init_args.rollout.generation.num_cpus", "0.5",
+                    "--model.init_args.rollout.reference.num_cpus", "0.5"))
     rows = assert_reward_rises(run_dir, sft_model_dir)
-    assert metric_series(rows, "train/value_loss") and metric_series(rows, "train/explained_variance")
+    for key in ("train/value_loss", "train/explained_variance", "train/entropy", "train/kl_coef"):
+        assert metric_series(rows, key), key
+
+
+@pytest.mark.parametrize("estimator", ["dr_grpo", "rloo", "reinforce_pp", "reinforce_baseline"])
+def test_other_estimators_train(tmp_path, sft_model_dir, estimator):
+    run_dir = tmp_path / estimator
+    extra = ["--model.init_args.kl_in_reward", "true"] if estimator.startswith("reinforce") else []
+    if estimator == "dr_grpo":
+        extra = ["--model.init_args.loss_aggregation", "seq_mean_token_sum"]
+    run_cli(rl_args(run_dir, sft_model_dir, "--trainer.max_steps", "3", "--model.init_args.advantage_estimator",
+                    estimator, *extra))
+    rows = read_metrics(run_dir)
+    assert len(metric_series(rows, "train/reward")) == 3
+    assert all(math.isfinite(v) for v in metric_series(rows, "train/policy_loss"))
+
+
+def test_micro_batch_accumulation_matches_one_big_batch(tmp_path, sft_model_dir):
+    """Under DeepSpeed, 4 micro-batches of 4 accumulate to the gradient of one batch of 16 (greedy rollouts, SGD;
+    PPO with a critic, so both parameter groups are checked)."""
+    common = ["--trainer.max_steps", "1", "--model.init_args.advantage_estimator", "gae",
+              "--model.init_args.n_samples_per_prompt", "1", "--model.init_args.temperature", "0",
+              "--model.init_args.kl_coef", "0", "--data.init_args.batch_size", "16",
+              "--data.init_args.shuffle", "false",
+              "--model.init_args.optimizer", json.dumps({"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}})]
+    for micro in (16, 4):
+        run_cli(rl_args(tmp_path / f"micro{micro}", sft_model_dir, *common, "--model.init_args.micro_batch_size",
+                        str(micro)))
+    start, big, small = (load_weights(d) for d in (sft_model_dir, tmp_path / "micro16/hf", tmp_path / "micro4/hf"))
+    assert not torch.equal(start["model.embed_tokens.weight"], big["model.embed_tokens.weight"])
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], atol=1e-5, rtol=1e-4)
+
+
+def test_grpo_zero3_two_ranks_and_resume(tmp_path, sft_model_dir):
+    """ZeRO-3 on 2 ranks (weights gathered for the push); resuming restores policy version and KL state."""
+    from conftest import run_cli_subprocess
+
+    run_dir = tmp_path / "z3"
+    args = rl_args(run_dir, sft_model_dir, "--trainer.devices", "2", "--trainer.strategy.init_args.stage", "3",
+                   "--data.init_args.batch_size", "4", "--model.init_args.kl_target", "0.5")
+    run_cli_subprocess([*args, "--trainer.max_steps", "5"])
+    run_cli_subprocess([*args, "--trainer.max_steps", "7", "--ckpt_path", "last"])
+    rows = read_metrics(run_dir)
+    assert [int(r["step"]) for r in rows if r.get("train/reward")] == [5, 6]
+    assert metric_series(rows, "train/policy_version") == [6.0, 7.0]  # continued from the restored version 5
+
+
+def test_kl_coef_zero_starts_no_reference_worker(sft_model_dir):
+    from rlhf_lightning.algorithms import PPO
+
+    ppo = PPO(model=str(sft_model_dir), reward_functions=[EVEN], kl_coef=0.0, advantage_estimator="grpo",
+              n_samples_per_prompt=2)
+    assert ppo.hparams.kl_coef == 0
+    rollout = Rollout(RolloutConfig(), str(sft_model_dir), None, [], {}, create=True)
+    assert set(rollout.workers) == {"generation"}
 
 
 # ------------------------------------------------------------------------------------------- reward functions
@@ -77,6 +140,64 @@ def test_reward_function_errors_name_the_function(tmp_path):
         load_reward_fn(str(tmp_path / "missing.py") + ":fn")
     with pytest.raises(AttributeError, match="no callable 'nope'"):
         load_reward_fn(f"{REPO}/examples/reward_fns.py:nope")
+
+
+@pytest.fixture
+def reward_server():
+    """A real HTTP reward endpoint on 127.0.0.1: scores 1.0 for responses containing a digit; ``/broken`` answers
+    malformed JSON and ``/missing`` a 404. Records how many requests it served."""
+    served = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            served.append(len(request["responses"]))
+            if self.path == "/missing":
+                self.send_error(404, "no such reward")
+                return
+            rewards = [float(any(c.isdigit() for c in r)) for r in request["responses"]]
+            body = b"not json" if self.path == "/broken" else json.dumps({"rewards": rewards}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", served
+    server.shutdown()
+
+
+def test_remote_reward_over_http(tmp_path, sft_model_dir, reward_server):
+    from rlhf_lightning.rollout.rewards import RemoteReward
+
+    url, served = reward_server
+    assert RemoteReward(url + "/score")(["p", "p"], ["12", "ab"], [None, None]) == [1.0, 0.0]
+    with pytest.raises(RuntimeError, match="HTTP 404"):
+        RemoteReward(url + "/missing", retries=3)(["p"], ["1"], [None])
+    assert served == [2, 1]  # a 4xx is not retried
+    with pytest.raises(RuntimeError, match="must answer JSON"):
+        RemoteReward(url + "/broken")(["p"], ["1"], [None])
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_url = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+    closed.close()
+    with pytest.raises(RuntimeError, match="failed after 2 attempts"):
+        RemoteReward(closed_url, timeout=2, retries=1)(["p"], ["1"], [None])
+    with pytest.raises(ValueError, match="must start with http"):
+        RemoteReward("localhost:8000")
+
+    # The same endpoint as GRPO's only reward source, through the CLI.
+    served.clear()
+    run_dir = tmp_path / "remote"
+    args = rl_args(run_dir, sft_model_dir, "--trainer.max_steps", "2", "--model.init_args.remote_reward_url",
+                   url + "/score")
+    args[args.index("--model.init_args.reward_functions") + 1] = "[]"
+    run_cli(args)
+    assert served == [32, 32]  # 8 prompts x 4 samples, one request per step
+    assert len(metric_series(read_metrics(run_dir), "train/reward")) == 2
 
 
 def test_ppo_without_reward_or_with_bad_group_size_is_rejected():

@@ -298,18 +298,28 @@ class PPO(RLHFModule):
         totals: dict[str, float] = {}
         for _ in range(hp.ppo_epochs):
             for start in range(0, size, mini):
-                slices = [slice(start + s.start, start + s.stop) for s in self.micro_slices(min(mini, size - start))]
+                stop = min(start + mini, size)
+                slices = [slice(start + s.start, start + s.stop) for s in self.micro_slices(stop - start)]
                 for i, sl in enumerate(slices):
                     if isinstance(self.trainer.strategy, DeepSpeedStrategy):
                         self.trainer.strategy.micro_batch_boundary(last=i == len(slices) - 1)
                     loss, stats = self.micro_batch_loss(exp, sl)
-                    self.manual_backward(loss * (sl.stop - sl.start) / min(mini, size - start))
+                    self.manual_backward(loss * self.micro_batch_weight(exp["mask"], sl, slice(start, stop)))
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + float(value) / (len(slices) * hp.ppo_epochs)
                 optimizer.step()
                 optimizer.zero_grad()
                 scheduler.step()
         return totals
+
+    def micro_batch_weight(self, mask: torch.Tensor, micro: slice, mini: slice) -> float:
+        """Share of the mini-batch's loss that the micro-batch ``micro`` carries, so that the gradients summed over
+        micro-batches equal the gradient of the mini-batch's loss: its share of response tokens for ``token_mean``,
+        of (non-empty) sequences for the per-sequence aggregations."""
+        if self.hparams.loss_aggregation == "token_mean":
+            return float(mask[micro].sum() / mask[mini].sum().clamp(min=1))
+        rows = mask.bool().any(-1)
+        return float(rows[micro].sum() / rows[mini].sum().clamp(min=1))
 
     def micro_batch_loss(self, exp: dict[str, torch.Tensor], sl: slice) -> tuple[torch.Tensor, dict[str, Any]]:
         hp = self.hparams
@@ -323,10 +333,11 @@ class PPO(RLHFModule):
             kl = aggregate(adv.kl_penalty(logps, exp["ref_logps"][sl], hp.kl_estimator), mask, hp.loss_aggregation)
             loss = loss + self.kl_controller.value * kl
             stats["kl_loss"] = kl.detach()
-        if hp.entropy_coef:
+        with torch.set_grad_enabled(bool(hp.entropy_coef)):  # always logged; differentiated only when used
             entropy = aggregate(entropy_from_logits(logits), mask, hp.loss_aggregation)
+        if hp.entropy_coef:
             loss = loss - hp.entropy_coef * entropy
-            stats["entropy"] = entropy.detach()
+        stats["entropy"] = entropy.detach()
         stats["policy_loss"] = loss.detach()
         if self.critic is not None:
             values = self.values_of(exp["input_ids"][sl], exp["attention_mask"][sl])

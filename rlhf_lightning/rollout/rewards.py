@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import math
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,9 +60,12 @@ def checked_scores(fn: RewardFn, name: str, prompts: list[str], responses: list[
 
 class RemoteReward:
     """Reward served over HTTP: POSTs ``{"prompts", "responses", "labels"}`` as JSON to ``url`` and expects
-    ``{"rewards": [...]}`` back within ``timeout`` seconds (``retries`` extra attempts on network errors)."""
+    ``{"rewards": [...]}`` back within ``timeout`` seconds. Network errors, timeouts and 5xx replies are retried
+    ``retries`` times; a 4xx reply or a malformed body fails at once with what the server said."""
 
     def __init__(self, url: str, timeout: float = 30.0, retries: int = 2) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"remote_reward_url '{url}' must start with http:// or https://.")
         self.url, self.timeout, self.retries = url, timeout, retries
 
     def __call__(self, prompts: list[str], responses: list[str], labels: list[str | None]) -> list[float]:
@@ -70,9 +74,18 @@ class RemoteReward:
         for attempt in range(self.retries + 1):
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                    return json.loads(reply.read())["rewards"]
-            except (OSError, TimeoutError) as err:
+                    payload = reply.read()
+                break
+            except urllib.error.HTTPError as err:
+                if err.code < 500 or attempt == self.retries:
+                    detail = err.read()[:500].decode(errors="replace")
+                    raise RuntimeError(f"Remote reward {self.url} answered HTTP {err.code}: {detail}") from err
+            except (OSError, TimeoutError) as err:  # refused, unreachable, timed out
                 if attempt == self.retries:
                     raise RuntimeError(f"Remote reward {self.url} failed after {attempt + 1} attempts "
                                        f"(timeout {self.timeout}s): {err}") from err
-        raise AssertionError("unreachable")
+        try:
+            return json.loads(payload)["rewards"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise RuntimeError(f"Remote reward {self.url} must answer JSON {{\"rewards\": [...]}}; got "
+                               f"{payload[:200]!r}") from err

@@ -15,7 +15,9 @@ Use it from YAML::
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 from typing import Any
 
 import torch
@@ -131,6 +133,11 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             return
         reset_seed()
         self.set_world_ranks()
+        if "LOCAL_SIZE" not in os.environ:
+            # DeepSpeed JIT-compiles its shared-memory all-reduce (tens of seconds on a fresh machine) at every CPU
+            # init, but only uses it when its own launcher sets LOCAL_SIZE; Lightning launches ranks itself.
+            # (import_module: the attribute `deepspeed.comm.torch` is PyTorch itself, not the submodule.)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         self._init_deepspeed_distributed()
 
 

@@ -2,20 +2,17 @@ r"""GRPO throughput: this project's ``PPO`` with ``advantage_estimator: grpo`` a
 
     python benchmarks/bench_grpo.py --model tiny --steps 20 --warmup 4 --repeats 3 --out benchmarks/results
 
-Both sides train the same Llama weights (built once at a fixed seed and saved with ``save_pretrained``) on the
-same generated prompts (``--prompt-len`` tokens each, one token per word, no chat template), with the same number
-of prompts per step (``--prompts-per-step``) and samples per prompt (``--n-samples``), sampling at temperature 1.0
-(top-p 1, top-k off) for exactly ``--max-new-tokens`` tokens: the end-of-sequence token is suppressed on both
-sides (TRL: ``generation_kwargs={"min_new_tokens": ...}``; ours has no such option, so the model's
-``generation_config.json`` carries ``min_new_tokens``, which ``generate()`` applies because our generation worker
-passes no generation config of its own). Every child counts the tokens it generates and the parent checks that
-all sides generated the same number per step. The reward is the same deterministic rule on both sides (the
-fraction of digit characters in the response); KL coefficient 0 (no reference model on either side); group
+Both sides train the same Llama weights (built once at a fixed seed and saved with ``save_pretrained``) on the same
+generated prompts (``--prompt-len`` tokens each, one token per word, no chat template), with the same number of
+prompts per step (``--prompts-per-step``) and samples per prompt (``--n-samples``), sampling at temperature 1.0
+(top-p 1, top-k off) for exactly ``--max-new-tokens`` tokens: the end-of-sequence token is suppressed on both sides
+(``generation_kwargs={"min_new_tokens": ...}`` on both). Every child counts the tokens it generates and the parent
+checks that all sides generated the same number per step. The reward is the same deterministic rule on both sides
+(the fraction of digit characters in the response); KL coefficient 0 (no reference model on either side); group
 advantages normalised by the group's standard deviation; PPO clip 0.2; the loss averaged over all tokens of the
-rollout; one optimizer step per rollout (TRL: ``steps_per_generation=1``, ``num_iterations=1``; ours:
-``ppo_epochs: 1``, one mini-batch of one micro-batch); ``torch.optim.AdamW`` without weight decay at a constant
-learning rate; fp32, gradient checkpointing off. TRL clips gradients at norm 1.0; ours cannot (see the note the
-table carries).
+rollout; one optimizer step per rollout (TRL: ``steps_per_generation=1``, ``num_iterations=1``; ours: ``ppo_epochs:
+1``, one mini-batch of one micro-batch); ``torch.optim.AdamW`` without weight decay at a constant learning rate;
+gradients clipped at norm 1.0 (TRL ``max_grad_norm``, ours ``max_grad_norm``); fp32, gradient checkpointing off.
 
 Sides (each repeat of each side in a fresh child process, interleaved, after one throwaway warm-up process):
 
@@ -28,7 +25,8 @@ Sides (each repeat of each side in a fresh child process, interleaved, after one
 Per-step time is the wall time between the ends of consecutive training steps (generation, scoring, the update
 and the framework's work in between), over the steps after ``--warmup``; start-up is excluded. Each step is also
 split into phases: ours reads what the module logs (``time/generate_s``: weight push to the generation worker +
-sampling; ``time/score_s``: decoding, the rule reward and the no-grad forward for the old log-probs (and values);
+sampling; ``time/score_s``: decoding, the rule reward and, with a critic, the no-grad forward for the values (with
+one update per rollout and no reference, ours reuses the update's forward for the old log-probs, as TRL does);
 ``time/train_s``: the update); TRL's are timed by wrapping ``GRPOTrainer._generate`` (prompt tokenization,
 sampling, decoding), ``_calculate_rewards`` and ``_prepare_inputs`` (train = from the end of ``_prepare_inputs``
 to the end of the step: loss, backward, clipping, optimizer step). ``other`` is what the phases leave of the step.
@@ -181,6 +179,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "--model.init_args.clip_low", str(CLIP),
         "--model.init_args.clip_high", str(CLIP),
         "--model.init_args.loss_aggregation", "token_mean",
+        "--model.init_args.max_grad_norm", "1.0",
+        "--model.init_args.generation_kwargs", json.dumps({"min_new_tokens": spec["max_new_tokens"]}),
         "--model.init_args.rollout.backend", "local",
         "--data.init_args.path", spec["data"],
         "--data.init_args.prompt_key", "prompt",
@@ -263,17 +263,11 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_prepare(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build and save the model + tokenizer (generation config: no EOS before ``max_new_tokens``), write the
-    prompts, and check both sides tokenize them to the same ids."""
+    """Build and save the model + tokenizer, write the prompts, and check both sides tokenize them to the same ids."""
     pin_threads(spec["threads"])
-    from transformers import GenerationConfig
-
     from rlhf_lightning.data.formatting import render_prompt
 
     tokenizer, described = build_model(spec["project_root"], MODEL_PRESETS[spec["model"]], spec["model_dir"])
-    generation = GenerationConfig.from_pretrained(spec["model_dir"])
-    generation.update(max_new_tokens=spec["max_new_tokens"], min_new_tokens=spec["max_new_tokens"])
-    generation.save_pretrained(spec["model_dir"])
 
     words = one_token_words(tokenizer)
     rng = random.Random(SEED)
@@ -371,17 +365,15 @@ def markdown(report: dict[str, Any]) -> str:
         "Samples are completions. Phase columns: median seconds per step (median over repeats). generate: ours "
         "= pushing the policy's weights into its separate generation model (also shown on its own; none before "
         "the first step) + sampling; TRL = prompt tokenization + sampling + decoding, with the trained model "
-        "itself. score: ours = decoding + the rule reward + a no-grad forward for the old log-probs (and, with a "
-        "critic, values); TRL = the reward function only (on-policy with one optimizer step per rollout, TRL skips "
-        "the old log-prob forward). train: the update (loss, backward, optimizer step; TRL also clips gradients). "
+        "itself. score: ours = decoding + the rule reward (+ the critic's values for PPO); TRL = the reward function "
+        "only (on-policy with one optimizer step per rollout, both skip a separate old log-prob forward). train: the "
+        "update (loss, backward, gradient clipping, optimizer step). "
         "other: the rest of the step (advantages, batching, data loading, framework "
         "bookkeeping).",
         "",
         "Equal work: the end-of-sequence token is suppressed on both sides, so every completion is exactly "
-        f"{cfg['max_new_tokens']} tokens (TRL: generation_kwargs min_new_tokens; ours has no option for it, so the "
-        "shared model's generation_config.json sets min_new_tokens); the generated tokens per step were counted "
-        "on every side and are equal. Not equal: TRL clips gradients at norm 1.0, ours does not clip at all "
-        "(PPO uses manual optimization, where Lightning rejects gradient_clip_val, and has no clipping option).",
+        f"{cfg['max_new_tokens']} tokens (generation_kwargs min_new_tokens on both sides); the generated tokens per "
+        "step were counted on every side and are equal; gradients are clipped at norm 1.0 on both sides.",
         "",
         contention_note(report),
         "",

@@ -26,12 +26,16 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each label under ``logits`` (B, T, V) -> (B, T); ignored positions give 0.
 
+    ``temperature`` scores under ``softmax(logits / T)``, the distribution that sampling at temperature ``T`` drew
+    from (RL on sampled responses must use it, or ratios and KL describe another policy).
     Uses ``logsumexp`` per position instead of a full-vocabulary ``log_softmax`` tensor (as TRL's
     ``selective_log_softmax`` does) to keep peak memory at one (B, T, V) tensor.
     """
+    if temperature != 1.0:
+        logits = logits / temperature
     safe = labels.clamp(min=0)
     picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1).float()
     logps = picked - torch.logsumexp(logits.float(), dim=-1)

@@ -114,6 +114,24 @@ def test_grpo_zero3_two_ranks_and_resume(tmp_path, sft_model_dir):
     assert metric_series(rows, "train/policy_version") == [6.0, 7.0]  # continued from the restored version 5
 
 
+@pytest.mark.parametrize("strategy", ["deepspeed", "auto"])
+def test_gradient_clipping_and_generation_kwargs(tmp_path, sft_model_dir, strategy):
+    """``max_grad_norm`` bounds the update (SGD, lr 1: the update is the clipped gradient) under DeepSpeed (engine
+    clipping) and without it (Lightning's ``clip_gradients``); ``generation_kwargs`` reach ``generate``. With
+    ``kl_coef: 0`` and one update per rollout, the old log-probs come from the update's own forward pass."""
+    run_dir = tmp_path / strategy
+    extra = ["--trainer.strategy", "auto"] if strategy == "auto" else []
+    run_cli(rl_args(run_dir, sft_model_dir, *extra, "--trainer.max_steps", "1", "--model.init_args.kl_coef", "0",
+                    "--model.init_args.max_grad_norm", "1e-3",
+                    "--model.init_args.generation_kwargs", json.dumps({"min_new_tokens": 6}),
+                    "--model.init_args.optimizer", json.dumps({"class_path": "torch.optim.SGD",
+                                                               "init_args": {"lr": 1.0}})))
+    before, after = load_weights(sft_model_dir), load_weights(run_dir / "hf")
+    update = torch.cat([(after[k] - before[k]).flatten() for k in before]).norm()
+    assert 0.9e-3 < update <= 1.001e-3, update
+    assert metric_series(read_metrics(run_dir), "train/response_length") == [6.0]  # EOS suppressed: all 6 tokens
+
+
 def test_kl_coef_zero_starts_no_reference_worker(sft_model_dir):
     from rlhf_lightning.algorithms import PPO
 

@@ -272,3 +272,14 @@ def test_entropy_matches_definition_and_gradients():
     entropy_from_logits(filtered).sum().backward()
     assert torch.isfinite(filtered.grad).all()
     assert entropy_from_logits(logits.detach().bfloat16()).dtype == torch.float32
+
+
+def test_token_log_probs_at_a_temperature_score_the_sampling_distribution():
+    from rlhf_lightning.losses import token_log_probs
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    labels[0, :2] = -100
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    torch.testing.assert_close(token_log_probs(logits, labels, temperature=0.7), expected.masked_fill(labels < 0, 0))
+    torch.testing.assert_close(token_log_probs(logits, labels), token_log_probs(logits, labels, temperature=1.0))

@@ -46,9 +46,11 @@ class PPO(RLHFModule):
             ``reinforce_baseline`` (critic-free; group estimators need ``n_samples_per_prompt`` > 1).
         n_samples_per_prompt: responses sampled per prompt.
         max_new_tokens: response length limit.
-        temperature: sampling temperature (0 = greedy).
+        temperature: sampling temperature (0 = greedy); log-probs, ratios, KL and entropy use the same temperature.
         top_p: nucleus sampling.
         top_k: top-k sampling (0 = off).
+        generation_kwargs: further ``GenerationConfig`` fields for sampling, e.g. ``{min_new_tokens: 8}``; the
+            checkpoint's own generation config is never applied implicitly.
         reward_models: reward-model paths (exports of ``RewardModel``), each run by its own worker.
         reward_functions: rule rewards as ``file.py:fn`` or ``module:fn`` (prompts, responses, labels -> floats).
         remote_reward_url: an HTTP reward endpoint (see ``RemoteReward``).
@@ -77,6 +79,8 @@ class PPO(RLHFModule):
         value_loss_coef: weight of the value loss.
         entropy_coef: entropy bonus weight.
         loss_aggregation: ``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum``.
+        max_grad_norm: clip the global gradient norm (actor and critic together) before each optimizer step
+            (``None`` = off). Lightning's ``trainer.gradient_clip_val`` does not apply to manual optimization.
         rollout: where generation, reference and reward workers run (``local`` or ``ray``; see ``RolloutConfig``).
         kwargs: model, optimizer and schedule options of :class:`RLHFModule`.
     """
@@ -84,6 +88,7 @@ class PPO(RLHFModule):
     def __init__(
         self, *args: Any, advantage_estimator: Estimator = "gae", n_samples_per_prompt: int = 1,
         max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+        generation_kwargs: dict[str, Any] | None = None,
         reward_models: list[str] | None = None, reward_functions: list[str] | None = None,
         remote_reward_url: str | None = None, remote_reward_timeout: float = 30.0,
         reward_weights: list[float] | None = None, normalize_reward: bool = True, reward_clip: float | None = 10.0,
@@ -94,7 +99,7 @@ class PPO(RLHFModule):
         micro_batch_size: int = 8, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
         value_clip: float | None = 0.2, value_loss_coef: float = 0.5, entropy_coef: float = 0.0,
         loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean",
-        rollout: RolloutConfig | None = None, **kwargs: Any,
+        max_grad_norm: float | None = 1.0, rollout: RolloutConfig | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
@@ -122,6 +127,24 @@ class PPO(RLHFModule):
     def uses_critic(self) -> bool:
         return self.hparams.advantage_estimator == "gae"
 
+    @property
+    def uses_reference(self) -> bool:
+        return self.hparams.kl_coef > 0 or bool(self.hparams.kl_target)
+
+    @property
+    def logp_temperature(self) -> float:
+        """Temperature of the distribution the responses were sampled from (greedy decoding scores at 1)."""
+        return self.hparams.temperature if self.hparams.temperature > 0 else 1.0
+
+    @property
+    def reuses_update_log_probs(self) -> bool:
+        """One PPO epoch over one mini-batch and no reference: the policy that sampled is the one being updated, so
+        the old log-probs equal the update's own (detached) and their separate forward pass is skipped (as TRL
+        does). Otherwise, e.g. for KL in the reward, they are computed before training."""
+        hp = self.hparams
+        single_update = hp.ppo_epochs == 1 and (hp.mini_batch_size or self.rollout_size()) >= self.rollout_size()
+        return single_update and not self.uses_reference
+
     # ------------------------------------------------------------------------------------------- set-up
     def configure_model(self) -> None:
         super().configure_model()
@@ -138,7 +161,9 @@ class PPO(RLHFModule):
                   "trust_remote_code": hp.trust_remote_code}
         if config.backend == "local":
             kwargs["device"] = str(self.trainer.strategy.root_device.type)
-        reference = (hp.reference_model or hp.model) if hp.kl_coef > 0 or hp.kl_target else None
+        reference = (hp.reference_model or hp.model) if self.uses_reference else None
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):  # the engine (built after setup) clips in step()
+            self.trainer.strategy.config["gradient_clipping"] = hp.max_grad_norm or 0.0
         make = lambda create: Rollout(config, hp.model, reference, hp.reward_models or [], kwargs, create)  # noqa: E731
         if config.backend == "local" or self.global_rank == 0:
             self.rollout = make(True)
@@ -199,7 +224,7 @@ class PPO(RLHFModule):
         responses, versions = self.rollout.generate(
             batch["prompt_ids"], n=hp.n_samples_per_prompt, max_new_tokens=hp.max_new_tokens,
             temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k, eos_token_ids=[tok.eos_token_id],
-            pad_token_id=tok.pad_token_id)
+            pad_token_id=tok.pad_token_id, generation_kwargs=hp.generation_kwargs)
         if any(v != self.policy_version for v in versions):
             raise RuntimeError(f"Rollout used weight versions {versions}, policy is at {self.policy_version}.")
         generated = time.perf_counter()
@@ -209,7 +234,8 @@ class PPO(RLHFModule):
         attention_mask = pad_sequences([[1] * (len(p) + len(r)) for p, r in zip(prompts, responses, strict=True)], 0)
         labels = pad_sequences([[IGNORE_INDEX] * len(p) + r for p, r in zip(prompts, responses, strict=True)],
                                IGNORE_INDEX)
-        handles = self.rollout.score_async(input_ids, attention_mask, labels, hp.normalize_reward)
+        handles = self.rollout.score_async(input_ids, attention_mask, labels, hp.normalize_reward,
+                                           self.logp_temperature)
 
         # While reference and reward workers run: rule rewards, old log-probs and values, here.
         texts = tok.batch_decode(responses, skip_special_tokens=True)
@@ -221,11 +247,12 @@ class PPO(RLHFModule):
         mask = shift_labels(labels) != IGNORE_INDEX
         old_logps, values = [], []
         for sl in self.micro_slices(len(responses)):
-            logits = self.model(input_ids=input_ids[sl], attention_mask=attention_mask[sl]).logits
-            old_logps.append(token_log_probs(logits, shift_labels(labels[sl])))
+            if not self.reuses_update_log_probs:
+                logits = self.model(input_ids=input_ids[sl], attention_mask=attention_mask[sl]).logits
+                old_logps.append(token_log_probs(logits, shift_labels(labels[sl]), self.logp_temperature))
             if self.critic is not None:
                 values.append(self.values_of(input_ids[sl], attention_mask[sl]) * mask[sl])
-        old_logps = torch.cat(old_logps)
+        old_logps = torch.cat(old_logps) if old_logps else None
         results = dict(zip(handles, self.rollout.wait(list(handles.values())), strict=True))
         scored = time.perf_counter()
 
@@ -235,8 +262,11 @@ class PPO(RLHFModule):
         scores = (weights[:, None] * sources).sum(0)
         if hp.reward_clip is not None:
             scores = scores.clamp(-hp.reward_clip, hp.reward_clip)
-        ref_logps = results["reference"].to(self.device) if "reference" in results else old_logps
-        kl = adv.kl_penalty(old_logps, ref_logps, hp.kl_estimator) * mask
+        if "reference" in results:
+            ref_logps = results["reference"].to(self.device)
+            kl = adv.kl_penalty(old_logps, ref_logps, hp.kl_estimator) * mask
+        else:
+            ref_logps, kl = None, torch.zeros(mask.shape, device=self.device)
         beta = self.kl_controller.value if hp.kl_in_reward else 0.0
         advantages, returns = self.estimate_advantages(scores, kl, mask, torch.cat(values) if values else None, beta)
         self.last_samples = [{"prompt": p, "response": r, "reward": float(s)}
@@ -307,6 +337,8 @@ class PPO(RLHFModule):
                     self.manual_backward(loss * self.micro_batch_weight(exp["mask"], sl, slice(start, stop)))
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + float(value) / (len(slices) * hp.ppo_epochs)
+                if hp.max_grad_norm and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad()
                 scheduler.step()
@@ -325,16 +357,17 @@ class PPO(RLHFModule):
         hp = self.hparams
         mask = exp["mask"][sl]
         logits = self.model(input_ids=exp["input_ids"][sl], attention_mask=exp["attention_mask"][sl]).logits
-        logps = token_log_probs(logits, shift_labels(exp["labels"][sl]))
-        loss, stats = policy_loss(logps, exp["old_logps"][sl], exp["advantages"][sl], mask, hp.clip_low,
-                                  hp.clip_high, hp.dual_clip, hp.loss_aggregation)
+        logps = token_log_probs(logits, shift_labels(exp["labels"][sl]), self.logp_temperature)
+        old_logps = logps.detach() if exp["old_logps"] is None else exp["old_logps"][sl]
+        loss, stats = policy_loss(logps, old_logps, exp["advantages"][sl], mask, hp.clip_low, hp.clip_high,
+                                  hp.dual_clip, hp.loss_aggregation)
         stats = {k: v.detach() for k, v in stats.items()}
-        if not hp.kl_in_reward and (hp.kl_coef > 0 or hp.kl_target):
+        if not hp.kl_in_reward and self.uses_reference:
             kl = aggregate(adv.kl_penalty(logps, exp["ref_logps"][sl], hp.kl_estimator), mask, hp.loss_aggregation)
             loss = loss + self.kl_controller.value * kl
             stats["kl_loss"] = kl.detach()
         with torch.set_grad_enabled(bool(hp.entropy_coef)):  # always logged; differentiated only when used
-            entropy = aggregate(entropy_from_logits(logits), mask, hp.loss_aggregation)
+            entropy = aggregate(entropy_from_logits(logits / self.logp_temperature), mask, hp.loss_aggregation)
         if hp.entropy_coef:
             loss = loss - hp.entropy_coef * entropy
         stats["entropy"] = entropy.detach()

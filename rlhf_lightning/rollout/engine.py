@@ -143,13 +143,14 @@ class Rollout:
         return [r for group in per_prompt for r in group], [r["version"] for r in results]
 
     def score_async(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                    normalize_rewards: bool) -> dict[str, Any]:
-        """Launch reference log-probs and every reward model's scores at once; resolve with :meth:`wait`."""
+                    normalize_rewards: bool, temperature: float = 1.0) -> dict[str, Any]:
+        """Launch reference log-probs (at the sampling ``temperature``) and every reward model's scores at once;
+        resolve with :meth:`wait`."""
         input_ids, attention_mask, labels = input_ids.cpu(), attention_mask.cpu(), labels.cpu()
         handles = {}
         if "reference" in self.workers:
             handles["reference"] = self._call(self.workers["reference"][0], "log_probs", input_ids, attention_mask,
-                                              labels)
+                                              labels, temperature)
         for group in self.reward_groups:
             handles[group] = self._call(self.workers[group][0], "score", input_ids, attention_mask, normalize_rewards)
         return handles

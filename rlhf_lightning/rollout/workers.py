@@ -6,7 +6,10 @@ Plain classes, so the same code runs in-process (``local`` backend) or as Ray ac
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from transformers import GenerationConfig
 
 from rlhf_lightning.losses import shift_labels, token_log_probs
 from rlhf_lightning.models import load_causal_lm
@@ -49,8 +52,13 @@ class GenerationWorker(ModelWorker):
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float,
-                 top_k: int, eos_token_ids: list[int], pad_token_id: int) -> dict:
-        """``n`` responses per prompt, grouped by prompt; each ends at (and includes) its first EOS token."""
+                 top_k: int, eos_token_ids: list[int], pad_token_id: int,
+                 generation_kwargs: dict[str, Any] | None = None) -> dict:
+        """``n`` responses per prompt, grouped by prompt; each ends at (and includes) its first EOS token.
+
+        Sampling follows exactly the given options plus ``generation_kwargs`` (any ``GenerationConfig`` field, e.g.
+        ``min_new_tokens``): an explicit ``GenerationConfig`` keeps the checkpoint's own ``generation_config.json``
+        (repetition penalty, its default temperature...) from silently changing the distribution sampled."""
         prompt_ids = [p for p in prompt_ids for _ in range(n)]  # n rows per prompt (greedy allows no n>1)
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
@@ -60,9 +68,10 @@ class GenerationWorker(ModelWorker):
             attention_mask[row, width - len(ids):] = 1
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} \
             if temperature > 0 else {"do_sample": False}
+        config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids, pad_token_id=pad_token_id,
+                                  **sampling, **(generation_kwargs or {}))
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                  max_new_tokens=max_new_tokens,
-                                  eos_token_id=eos_token_ids, pad_token_id=pad_token_id, **sampling)
+                                  generation_config=config)
         responses = []
         for row in out[:, width:].tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in eos_token_ids), len(row))
@@ -74,9 +83,10 @@ class ReferenceWorker(ModelWorker):
     """Per-token log-probs of the labelled tokens under the frozen reference policy."""
 
     @torch.no_grad()
-    def log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                  temperature: float = 1.0) -> torch.Tensor:
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
-        return token_log_probs(logits, shift_labels(labels.to(self.device))).cpu()
+        return token_log_probs(logits, shift_labels(labels.to(self.device)), temperature).cpu()
 
 
 class RewardModelWorker(ModelWorker):

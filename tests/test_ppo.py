@@ -273,11 +273,13 @@ def test_ray_rollout_actors_sync_weights(sft_model_dir, tiny_model_dir, monkeypa
 
 
 def test_grpo_two_ranks_on_ray(tmp_path, sft_model_dir):
-    """Two trainer ranks share Ray generation/reference actors; each rank gets different prompts."""
+    """Two trainer ranks (ZeRO-2 with the optimizer offloaded to CPU Adam) share Ray generation/reference actors;
+    each rank gets different prompts."""
     from conftest import run_cli_subprocess
 
     run_dir = tmp_path / "grpo-ray"
     run_cli_subprocess(rl_args(run_dir, sft_model_dir, "--trainer.max_steps", "10", "--trainer.devices", "2",
+                               "--trainer.strategy.init_args.offload_optimizer", "true",
                                "--data.init_args.batch_size", "4", "--model.init_args.rollout.backend", "ray",
                                "--model.init_args.rollout.namespace", "test-grpo-ray",
                                "--model.init_args.rollout.generation.num_cpus", "0.5",

@@ -73,3 +73,22 @@ def test_custom_loss_example_runs_through_the_cli(tmp_path, tiny_model_dir, monk
     assert "label_smoothing: 0.2" in config
     assert len(metric_series(read_metrics(run_dir), "train/loss")) == 4
     sys.modules.pop("custom_sft_loss", None)
+
+
+def test_generation_samples_callback_example(tmp_path, tiny_model_dir, monkeypatch):
+    """examples/generation_samples.py, added with ``--trainer.callbacks+=`` as its docstring shows."""
+    import csv
+
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "examples"))
+    run_dir = tmp_path / "samples"
+    run_cli(base_args(run_dir, tiny_model_dir) + [
+        "--trainer.callbacks+=generation_samples.GenerationSamples",
+        "--trainer.callbacks.prompts", '["What is 2 + 3?", "What is 40 + 2?"]',
+        "--trainer.callbacks.every_n_steps", "2", "--trainer.callbacks.max_new_tokens", "4",
+        "--trainer.max_steps", "4"])
+    with open(run_dir / "csv" / "version_0" / "generations.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 2, 4, 4]
+    assert {r["prompt"] for r in rows} == {"What is 2 + 3?", "What is 40 + 2?"}

@@ -1,0 +1,1 @@
+"""Small synthetic tasks with exactly checkable answers, for demos and tests (no hub needed)."""

@@ -1,0 +1,36 @@
+"""The embedded demo task: deterministic data, the rule, its rewards and preference pairs."""
+
+import json
+import random
+
+from rlhf_lightning.tasks import reverse
+
+
+def test_rule_and_rewards_by_hand():
+    assert reverse.answer_of("reverse: k e q b") == "b q e k"
+    prompts = ["reverse: a b c"] * 4
+    responses = ["c b a", " c  b a ", "c a b", "c b"]
+    assert reverse.exact_match(prompts, responses, [None] * 4) == [1.0, 1.0, 0.0, 0.0]
+    assert reverse.letter_accuracy(prompts, responses, [None] * 4) == [1.0, 1.0, 1 / 3, 0.0]
+    assert reverse.exact_match(["reverse: a b"], ["b a"], ["a b"]) == [0.0]  # a given label wins
+
+
+def test_near_misses_are_always_wrong():
+    rng = random.Random(0)
+    for _ in range(500):
+        prompt, answer = reverse.make_example(rng)
+        assert reverse.answer_of(prompt) == answer
+        assert reverse.near_miss(rng, answer) != answer
+
+
+def test_write_data_is_deterministic_and_holds_out_its_test_prompts(tmp_path):
+    a = reverse.write_data(tmp_path / "a", seed=3, n_sft=50, n_pairs=20, n_prompts=30, n_heldout=40)
+    b = reverse.write_data(tmp_path / "b", seed=3, n_sft=50, n_pairs=20, n_prompts=30, n_heldout=40)
+    for name in a:
+        assert a[name].read_text() == b[name].read_text()
+    rows = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in a.items()}
+    heldout = {r["prompt"] for r in rows["heldout"]}
+    assert len(heldout) == 40
+    seen = {r["input"] for r in rows["sft"]} | {r["prompt"] for r in rows["preference"] + rows["prompts"]}
+    assert not heldout & seen
+    assert all(r["chosen"] != r["rejected"] for r in rows["preference"])

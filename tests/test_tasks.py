@@ -34,3 +34,12 @@ def test_write_data_is_deterministic_and_holds_out_its_test_prompts(tmp_path):
     seen = {r["input"] for r in rows["sft"]} | {r["prompt"] for r in rows["preference"] + rows["prompts"]}
     assert not heldout & seen
     assert all(r["chosen"] != r["rejected"] for r in rows["preference"])
+
+
+def test_sloppy_demonstrations_swap_the_last_two_letters_of_long_answers(tmp_path):
+    files = reverse.write_data(tmp_path, n_sft=300, n_pairs=300, n_prompts=1, n_heldout=1, sft_error_rate=1.0)
+    for row in map(json.loads, files["sft"].read_text().splitlines()):
+        truth, given = reverse.answer_of(row["input"]).split(), row["output"].split()
+        assert given == (truth[:-2] + truth[:-3:-1] if len(truth) >= 6 else truth)
+    for row in map(json.loads, files["preference"].read_text().splitlines()):
+        assert row["chosen"] == reverse.answer_of(row["prompt"]) != row["rejected"]

@@ -71,10 +71,33 @@ def letter_accuracy(prompts: list[str], responses: list[str], labels: list[str |
     return scores
 
 
+def sloppy_answer(rng: random.Random, answer: str, error_rate: float, min_len: int) -> str:
+    """A demonstrator's answer: with probability ``error_rate``, answers of ``min_len`` letters or more come with
+    their last two letters swapped (a systematic slip, as real demonstrations have)."""
+    letters = answer.split()
+    if len(letters) >= min_len and rng.random() < error_rate:
+        letters[-2], letters[-1] = letters[-1], letters[-2]
+    return " ".join(letters)
+
+
+def rejected_answer(rng: random.Random, answer: str, sft_error_rate: float, sft_error_min_len: int) -> str:
+    """The rejected side of a preference pair: the demonstrators' slip where it applies (and changes the answer),
+    otherwise a random near miss."""
+    if sft_error_rate > 0:
+        slip = sloppy_answer(rng, answer, 1.0, sft_error_min_len)
+        if slip != answer:
+            return slip
+    return near_miss(rng, answer)
+
+
 def write_data(out: Path, seed: int = 0, n_sft: int = 2000, n_pairs: int = 1000, n_prompts: int = 1000,
-               n_heldout: int = 200, min_len: int = 3, max_len: int = 8) -> dict[str, Path]:
+               n_heldout: int = 200, min_len: int = 3, max_len: int = 8, sft_error_rate: float = 0.0,
+               sft_error_min_len: int = 6) -> dict[str, Path]:
     """Write ``sft.jsonl`` (input/output), ``preference.jsonl`` (prompt/chosen/rejected), ``prompts.jsonl``
-    (prompt/answer) and ``heldout.jsonl`` (prompt/answer, none of them in the other files)."""
+    (prompt/answer) and ``heldout.jsonl`` (prompt/answer, none of them in the other files).
+
+    ``sft_error_rate`` makes the SFT demonstrations imperfect (see :func:`sloppy_answer`): imitation then learns
+    the slip, while the rule-based reward and the preference pairs (right answer over the slip) can correct it."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     heldout: dict[str, str] = {}
@@ -90,8 +113,10 @@ def write_data(out: Path, seed: int = 0, n_sft: int = 2000, n_pairs: int = 1000,
 
     files = {name: out / f"{name}.jsonl" for name in ("sft", "preference", "prompts", "heldout")}
     rows = {
-        "sft": [{"input": p, "output": a} for p, a in (fresh() for _ in range(n_sft))],
-        "preference": [{"prompt": p, "chosen": a, "rejected": near_miss(rng, a)}
+        "sft": [{"input": p, "output": sloppy_answer(rng, a, sft_error_rate, sft_error_min_len)}
+                for p, a in (fresh() for _ in range(n_sft))],
+        "preference": [{"prompt": p, "chosen": a,
+                        "rejected": rejected_answer(rng, a, sft_error_rate, sft_error_min_len)}
                        for p, a in (fresh() for _ in range(n_pairs))],
         "prompts": [{"prompt": p, "answer": a} for p, a in (fresh() for _ in range(n_prompts))],
         "heldout": [{"prompt": p, "answer": a} for p, a in heldout.items()],

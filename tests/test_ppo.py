@@ -83,6 +83,17 @@ def test_other_estimators_train(tmp_path, sft_model_dir, estimator):
     assert all(math.isfinite(v) for v in metric_series(rows, "train/policy_loss"))
 
 
+def test_logged_stats_are_means_over_mini_batches(tmp_path, sft_model_dir):
+    """Entropy logged from 4 mini-batches of 8 (4 optimizer steps) is a mean, on the scale of one big batch."""
+    entropy = {}
+    for mini in (32, 8):
+        run_dir = tmp_path / f"mini{mini}"
+        run_cli(rl_args(run_dir, sft_model_dir, "--trainer.max_steps", str(32 // mini), "--model.init_args.kl_coef",
+                        "0", "--model.init_args.mini_batch_size", str(mini)))
+        entropy[mini] = metric_series(read_metrics(run_dir), "train/entropy")[0]
+    assert 0.5 < entropy[8] / entropy[32] < 2, entropy
+
+
 def test_micro_batch_accumulation_matches_one_big_batch(tmp_path, sft_model_dir):
     """Under DeepSpeed, 4 micro-batches of 4 accumulate to the gradient of one batch of 16 (greedy rollouts, SGD;
     PPO with a critic, so both parameter groups are checked)."""

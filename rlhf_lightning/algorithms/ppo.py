@@ -326,6 +326,7 @@ class PPO(RLHFModule):
         size = len(exp["scores"])
         mini = hp.mini_batch_size or size
         totals: dict[str, float] = {}
+        micro_batches = 0
         for _ in range(hp.ppo_epochs):
             for start in range(0, size, mini):
                 stop = min(start + mini, size)
@@ -335,14 +336,15 @@ class PPO(RLHFModule):
                         self.trainer.strategy.micro_batch_boundary(last=i == len(slices) - 1)
                     loss, stats = self.micro_batch_loss(exp, sl)
                     self.manual_backward(loss * self.micro_batch_weight(exp["mask"], sl, slice(start, stop)))
+                    micro_batches += 1
                     for key, value in stats.items():
-                        totals[key] = totals.get(key, 0.0) + float(value) / (len(slices) * hp.ppo_epochs)
+                        totals[key] = totals.get(key, 0.0) + float(value)
                 if hp.max_grad_norm and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
                     self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad()
                 scheduler.step()
-        return totals
+        return {key: value / micro_batches for key, value in totals.items()}  # means over all micro-batches
 
     def micro_batch_weight(self, mask: torch.Tensor, micro: slice, mini: slice) -> float:
         """Share of the mini-batch's loss that the micro-batch ``micro`` carries, so that the gradients summed over

@@ -246,8 +246,9 @@ class PPO(RLHFModule):
         input_ids, attention_mask, labels = (t.to(self.device) for t in (input_ids, attention_mask, labels))
         mask = shift_labels(labels) != IGNORE_INDEX
         old_logps, values = [], []
+        need_old_logps = not self.reuses_update_log_probs
         for sl in self.micro_slices(len(responses)):
-            if not self.reuses_update_log_probs:
+            if need_old_logps:
                 logits = self.model(input_ids=input_ids[sl], attention_mask=attention_mask[sl]).logits
                 old_logps.append(token_log_probs(logits, shift_labels(labels[sl]), self.logp_temperature))
             if self.critic is not None:
@@ -359,7 +360,9 @@ class PPO(RLHFModule):
         hp = self.hparams
         mask = exp["mask"][sl]
         logits = self.model(input_ids=exp["input_ids"][sl], attention_mask=exp["attention_mask"][sl]).logits
-        logps = token_log_probs(logits, shift_labels(exp["labels"][sl]), self.logp_temperature)
+        if self.logp_temperature != 1.0:  # scaled once, for log-probs and entropy alike
+            logits = logits / self.logp_temperature
+        logps = token_log_probs(logits, shift_labels(exp["labels"][sl]))
         old_logps = logps.detach() if exp["old_logps"] is None else exp["old_logps"][sl]
         loss, stats = policy_loss(logps, old_logps, exp["advantages"][sl], mask, hp.clip_low, hp.clip_high,
                                   hp.dual_clip, hp.loss_aggregation)
@@ -369,7 +372,7 @@ class PPO(RLHFModule):
             loss = loss + self.kl_controller.value * kl
             stats["kl_loss"] = kl.detach()
         with torch.set_grad_enabled(bool(hp.entropy_coef)):  # always logged; differentiated only when used
-            entropy = aggregate(entropy_from_logits(logits / self.logp_temperature), mask, hp.loss_aggregation)
+            entropy = aggregate(entropy_from_logits(logits), mask, hp.loss_aggregation)
         if hp.entropy_coef:
             loss = loss - hp.entropy_coef * entropy
         stats["entropy"] = entropy.detach()

@@ -16,10 +16,10 @@ import csv
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from rlhf_lightning.models import greedy_answers
 from rlhf_lightning.strategies import DeepSpeedStrategy
 
 
@@ -28,33 +28,26 @@ class GenerationSamples(Callback):
 
     def __init__(self, prompts: list[str], every_n_steps: int = 50, max_new_tokens: int = 32) -> None:
         self.prompts, self.every_n_steps, self.max_new_tokens = prompts, every_n_steps, max_new_tokens
-        self.rows: list[tuple[int, str, str]] = []
+        self.last_logged_step = -1
 
-    @torch.no_grad()
     def answers(self, module: pl.LightningModule) -> list[str]:
-        tokenizer = module.tokenizer
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in self.prompts]
-        tokenizer.padding_side = "left"
-        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(module.device)
         strategy = module.trainer.strategy
         zero3 = isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 3
         was_training = module.model.training
         module.model.eval()
-        out = module.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, synced_gpus=zero3)
+        answers = greedy_answers(module.model, module.tokenizer, self.prompts, self.max_new_tokens, synced_gpus=zero3)
         module.model.train(was_training)
-        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return answers
 
     def log_answers(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if self.rows and self.rows[-1][0] == step:
-            return  # already logged at this step
+        if step == self.last_logged_step:
+            return  # already logged at this step (the last periodic step can also be the end)
+        self.last_logged_step = step
         answers = self.answers(module)
         if trainer.global_rank != 0:
             return
         new = [(step, p, a) for p, a in zip(self.prompts, answers, strict=True)]
-        self.rows += new
         rank_zero_info("\n".join(f"[step {s}] {p!r} -> {a!r}" for s, p, a in new))
         if trainer.loggers and trainer.loggers[0].log_dir:
             path = Path(trainer.loggers[0].log_dir) / "generations.csv"

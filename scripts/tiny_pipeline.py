@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf_lightning.models import greedy_answers
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["sft", "rm", "dpo", "kto", "simpo", "orpo"]
@@ -42,17 +43,10 @@ def held_out_questions(n: int = 200, seed: int = 1234) -> list[tuple[str, int]]:
     return out
 
 
-@torch.no_grad()
 def accuracy(model_dir: Path, questions: list[tuple[str, int]]) -> float:
     """Exact-match accuracy of greedy answers."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True) for q, _ in questions]
-    batch = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
-    out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    answers = greedy_answers(model, AutoTokenizer.from_pretrained(model_dir), [q for q, _ in questions], 6)
     return sum(a.strip() == str(truth) for a, (_, truth) in zip(answers, questions, strict=True)) / len(questions)
 
 

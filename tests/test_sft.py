@@ -82,8 +82,10 @@ def test_generation_samples_callback_example(tmp_path, tiny_model_dir, monkeypat
     from conftest import REPO
 
     monkeypatch.syspath_prepend(str(REPO / "examples"))
+    from rlhf_lightning.__main__ import main
+
     run_dir = tmp_path / "samples"
-    run_cli(base_args(run_dir, tiny_model_dir) + [
+    cli = main(base_args(run_dir, tiny_model_dir) + [
         "--trainer.callbacks+=generation_samples.GenerationSamples",
         "--trainer.callbacks.prompts", '["What is 2 + 3?", "What is 40 + 2?"]',
         "--trainer.callbacks.every_n_steps", "2", "--trainer.callbacks.max_new_tokens", "4",
@@ -92,3 +94,4 @@ def test_generation_samples_callback_example(tmp_path, tiny_model_dir, monkeypat
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [2, 2, 4, 4]
     assert {r["prompt"] for r in rows} == {"What is 2 + 3?", "What is 40 + 2?"}
+    assert cli.model.tokenizer.padding_side == "right"  # generation pads on the left; training's side is restored

@@ -129,20 +129,14 @@ def write_data(out: Path, seed: int = 0, n_sft: int = 2000, n_pairs: int = 1000,
 def evaluate(model_dir: str | Path, heldout: str | Path, max_new_tokens: int = 20) -> dict[str, float]:
     """Greedy answers of an exported model to the held-out prompts (chat template, as in training): exact-match
     ``accuracy`` and mean ``letter_accuracy``."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhf_lightning.models import greedy_answers
+
     rows = [json.loads(line) for line in Path(heldout).read_text().splitlines() if line.strip()]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                           add_generation_prompt=True) for r in rows]
-    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    answers = greedy_answers(model, AutoTokenizer.from_pretrained(model_dir), [r["prompt"] for r in rows],
+                             max_new_tokens)
     prompts, labels = [r["prompt"] for r in rows], [r["answer"] for r in rows]
     exact, letters = exact_match(prompts, answers, labels), letter_accuracy(prompts, answers, labels)
     return {"accuracy": sum(exact) / len(rows), "letter_accuracy": sum(letters) / len(rows)}

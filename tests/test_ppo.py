@@ -51,16 +51,22 @@ def assert_reward_rises(run_dir, start_model):
 
 
 def test_grpo_learns_rule_reward(tmp_path, sft_model_dir):
+    """Without a reference (kl_coef 0) and one update per rollout, the old log-probs come from the update's own
+    forward pass; the Ray GRPO test below covers the path with a reference model."""
     run_dir = tmp_path / "grpo"
-    run_cli(rl_args(run_dir, sft_model_dir, "--trainer.max_steps", "12"))
-    assert_reward_rises(run_dir, sft_model_dir)
+    run_cli(rl_args(run_dir, sft_model_dir, "--trainer.max_steps", "12", "--model.init_args.kl_coef", "0"))
+    rows = assert_reward_rises(run_dir, sft_model_dir)
+    assert set(metric_series(rows, "train/kl")) == {0.0}
 
 
 def test_ppo_with_critic_learns_rule_reward_on_ray(tmp_path, sft_model_dir, monkeypatch):
-    """PPO with a critic (one optimizer, two param groups), generation and reference in separate Ray actors."""
+    """PPO with a critic (one optimizer, two param groups), generation and reference in separate Ray actors,
+    sampling at temperature 0.8: the reference scores at the same temperature, so the first step's KL (policy =
+    reference) is zero."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     run_dir = tmp_path / "ppo"
     run_cli(rl_args(run_dir, sft_model_dir, "--trainer.max_steps", "12", "--model.init_args.advantage_estimator", "gae",
+                    "--model.init_args.temperature", "0.8",
                     "--model.init_args.kl_in_reward", "true", "--model.init_args.critic_learning_rate", "5e-3",
                     "--model.init_args.rollout.backend", "ray", "--model.init_args.rollout.namespace", "test-ppo",
                     "--model.init_args.rollout.generation.num_cpus", "0.5",
@@ -68,6 +74,7 @@ def test_ppo_with_critic_learns_rule_reward_on_ray(tmp_path, sft_model_dir, monk
     rows = assert_reward_rises(run_dir, sft_model_dir)
     for key in ("train/value_loss", "train/explained_variance", "train/entropy", "train/kl_coef"):
         assert metric_series(rows, key), key
+    assert abs(metric_series(rows, "train/kl")[0]) < 1e-4
 
 
 @pytest.mark.parametrize("estimator", ["dr_grpo", "rloo", "reinforce_pp", "reinforce_baseline"])

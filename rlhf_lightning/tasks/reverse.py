@@ -1,14 +1,18 @@
 """The embedded demo task: reverse a short sequence of letters.
 
-    python -m rlhf_lightning.tasks.reverse --out runs/demo/data      # writes the jsonl files below
+    python -m rlhf_lightning.tasks.reverse --out examples/data/reverse   # regenerates the bundled jsonl files
 
 ``reverse: k e q b`` -> ``b q e k``. Letters are space-separated, so with the bundled tokenizer every letter is one
 token and the answer is a pure function of the prompt: correctness is exact-match, checkable by a rule, and the
-same rule gives preference pairs (the right reversal over a near miss) and a reward function for GRPO/PPO:
+same rule gives preference pairs (the right reversal over a wrong one) and a reward function for GRPO/PPO:
 
     reward_functions: [rlhf_lightning.tasks.reverse:exact_match]
 
-Longer sequences are harder for a tiny model, so a short SFT leaves partial accuracy for alignment to improve.
+Why alignment has something to fix: the SFT demonstrations are imperfect the way human ones are. In 60% of the
+answers of 6+ letters the demonstrator slips and swaps the last two letters, so imitation learns to slip too
+(greedy decoding picks the more frequent, wrong ending) while the right ending stays likely enough to be sampled.
+The preference pairs (right answer over the slip or another near miss), the reward model trained on them and the
+rule reward all prefer the right ending, so DPO, PPO and GRPO can each beat SFT on the held-out prompts.
 Everything is generated from a seed (deterministic); nothing is downloaded.
 """
 
@@ -82,7 +86,8 @@ def sloppy_answer(rng: random.Random, answer: str, error_rate: float, min_len: i
 
 def rejected_answer(rng: random.Random, answer: str, sft_error_rate: float, sft_error_min_len: int) -> str:
     """The rejected side of a preference pair: the demonstrators' slip where it applies (and changes the answer),
-    otherwise a random near miss."""
+    otherwise a random near miss. (Rejecting a random near miss for long answers half the time instead made the
+    tiny reward model worse at spotting the slip: 75-94% instead of 94-97% of held-out slip pairs.)"""
     if sft_error_rate > 0:
         slip = sloppy_answer(rng, answer, 1.0, sft_error_min_len)
         if slip != answer:
@@ -90,11 +95,12 @@ def rejected_answer(rng: random.Random, answer: str, sft_error_rate: float, sft_
     return near_miss(rng, answer)
 
 
-def write_data(out: Path, seed: int = 0, n_sft: int = 2000, n_pairs: int = 1000, n_prompts: int = 1000,
-               n_heldout: int = 200, min_len: int = 3, max_len: int = 8, sft_error_rate: float = 0.0,
+def write_data(out: Path, seed: int = 0, n_sft: int = 2000, n_pairs: int = 4000, n_prompts: int = 1000,
+               n_heldout: int = 200, min_len: int = 3, max_len: int = 8, sft_error_rate: float = 0.6,
                sft_error_min_len: int = 6) -> dict[str, Path]:
-    """Write ``sft.jsonl`` (input/output), ``preference.jsonl`` (prompt/chosen/rejected), ``prompts.jsonl``
-    (prompt/answer) and ``heldout.jsonl`` (prompt/answer, none of them in the other files).
+    """Write ``sft.jsonl`` (input/output), ``preference.jsonl`` (prompt/chosen/rejected), ``unpaired.jsonl``
+    (the same pairs as KTO's prompt/completion/label rows), ``prompts.jsonl`` (prompt/answer) and ``heldout.jsonl``
+    (prompt/answer, none of them in the other files).
 
     ``sft_error_rate`` makes the SFT demonstrations imperfect (see :func:`sloppy_answer`): imitation then learns
     the slip, while the rule-based reward and the preference pairs (right answer over the slip) can correct it."""
@@ -111,8 +117,8 @@ def write_data(out: Path, seed: int = 0, n_sft: int = 2000, n_pairs: int = 1000,
             if prompt not in heldout:
                 return prompt, answer
 
-    files = {name: out / f"{name}.jsonl" for name in ("sft", "preference", "prompts", "heldout")}
-    rows = {
+    files = {name: out / f"{name}.jsonl" for name in ("sft", "preference", "unpaired", "prompts", "heldout")}
+    rows: dict[str, list[dict]] = {
         "sft": [{"input": p, "output": sloppy_answer(rng, a, sft_error_rate, sft_error_min_len)}
                 for p, a in (fresh() for _ in range(n_sft))],
         "preference": [{"prompt": p, "chosen": a,
@@ -121,35 +127,59 @@ def write_data(out: Path, seed: int = 0, n_sft: int = 2000, n_pairs: int = 1000,
         "prompts": [{"prompt": p, "answer": a} for p, a in (fresh() for _ in range(n_prompts))],
         "heldout": [{"prompt": p, "answer": a} for p, a in heldout.items()],
     }
+    rows["unpaired"] = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                        for r in rows["preference"] for side in ("chosen", "rejected")]
     for name, path in files.items():
         path.write_text("".join(json.dumps(row) + "\n" for row in rows[name]))
     return files
 
 
-def evaluate(model_dir: str | Path, heldout: str | Path, max_new_tokens: int = 20) -> dict[str, float]:
+def evaluate(model_dir: str | Path, heldout: str | Path, reward_model: str | Path | None = None,
+             max_new_tokens: int = 20) -> dict[str, float]:
     """Greedy answers of an exported model to the held-out prompts (chat template, as in training): exact-match
-    ``accuracy`` and mean ``letter_accuracy``."""
+    ``accuracy`` (= the mean rule reward), mean ``letter_accuracy`` and, given a ``reward_model`` export, its mean
+    normalised score ``reward_model_score`` (what PPO maximises)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_lightning.models import greedy_answers
 
     rows = [json.loads(line) for line in Path(heldout).read_text().splitlines() if line.strip()]
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    answers = greedy_answers(model, AutoTokenizer.from_pretrained(model_dir), [r["prompt"] for r in rows],
-                             max_new_tokens)
     prompts, labels = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    answers = greedy_answers(model, AutoTokenizer.from_pretrained(model_dir), prompts, max_new_tokens)
     exact, letters = exact_match(prompts, answers, labels), letter_accuracy(prompts, answers, labels)
-    return {"accuracy": sum(exact) / len(rows), "letter_accuracy": sum(letters) / len(rows)}
+    result = {"accuracy": sum(exact) / len(rows), "letter_accuracy": sum(letters) / len(rows)}
+    if reward_model is not None:
+        result["reward_model_score"] = sum(reward_model_scores(reward_model, prompts, answers)) / len(rows)
+    return result
+
+
+def reward_model_scores(reward_model: str | Path, prompts: list[str], responses: list[str]) -> list[float]:
+    """Normalised scores of a ``RewardModel`` export for prompt/response pairs, tokenized as in PPO's rollouts."""
+    from rlhf_lightning.data.collate import pad_sequences
+    from rlhf_lightning.data.formatting import encode_prompt_response
+    from rlhf_lightning.models import load_tokenizer
+    from rlhf_lightning.rollout.workers import RewardModelWorker
+
+    tokenizer, worker = load_tokenizer(str(reward_model)), RewardModelWorker(str(reward_model), device="cpu")
+    sequences = [sum(encode_prompt_response(tokenizer, p, r), []) for p, r in zip(prompts, responses, strict=True)]
+    input_ids = pad_sequences(sequences, tokenizer.pad_token_id)
+    attention_mask = pad_sequences([[1] * len(s) for s in sequences], 0)
+    return worker.score(input_ids, attention_mask).tolist()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/demo/data"))
+    parser.add_argument("--out", type=Path, default=Path("examples/data/reverse"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-len", type=int, default=3)
     parser.add_argument("--max-len", type=int, default=8)
+    parser.add_argument("--sft-error-rate", type=float, default=0.6,
+                        help="share of 6+ letter SFT answers with the last two letters swapped (0 = clean data)")
     args = parser.parse_args(argv)
-    for name, path in write_data(args.out, args.seed, min_len=args.min_len, max_len=args.max_len).items():
+    files = write_data(args.out, args.seed, min_len=args.min_len, max_len=args.max_len,
+                       sft_error_rate=args.sft_error_rate)
+    for name, path in files.items():
         print(f"{name}: {path}")
 
 

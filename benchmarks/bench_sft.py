@@ -44,13 +44,16 @@ from common import (
     machine,
     make_workdir,
     measure_sides,
+    mfu,
     mmm,
     now,
     one_token_words,
     paired_ratio,
+    peak_tflops,
     pin_threads,
     project_under_test,
     random_text,
+    training_flops_per_token,
     trl_step_timer,
     trl_training_args,
     versions,
@@ -153,9 +156,11 @@ def run_prepare(spec: dict[str, Any]) -> dict[str, Any]:
                 and len(trl_prompt) == spec["prompt_len"] and n_ours_labels == expected - spec["prompt_len"]):
             raise RuntimeError(f"token counts differ: ours {len(ours['input_ids'])} ({n_ours_labels} labelled), "
                                f"TRL {len(trl_ids)} (prompt {len(trl_prompt)}), expected {expected}")
+    config = described["model_config"]
     return {"n_params": described["n_params"], "n_words": len(words), "n_samples": n_samples,
             "tokens_per_sample": expected, "label_tokens_per_sample": expected - spec["prompt_len"],
-            "model_config": described["model_config"]}
+            "model_config": config, "n_layers": config.get("num_hidden_layers"),
+            "hidden_size": config.get("hidden_size")}
 
 
 def child_main(role: str, spec_path: str) -> None:
@@ -166,13 +171,23 @@ def child_main(role: str, spec_path: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- report
-def summarize(args: argparse.Namespace, raw: dict[str, list[dict]], runs: dict[str, list[dict]]) -> dict[str, Any]:
-    """Per side: min/median/max over the repeats, the set-up the child reported, and ours/TRL tokens/s."""
+def summarize(args: argparse.Namespace, raw: dict[str, list[dict]], runs: dict[str, list[dict]],
+              prepared: dict[str, Any]) -> dict[str, Any]:
+    """Per side: min/median/max over the repeats, the set-up the child reported, ours/TRL tokens/s and, on a GPU,
+    peak GPU memory and MFU (see ``common.training_flops_per_token``)."""
     summary: dict[str, Any] = {}
+    flops_per_token = training_flops_per_token(prepared["n_params"], prepared["n_layers"], prepared["hidden_size"],
+                                               prepared["tokens_per_sample"])
     for side in args.sides:
         s = summary[side] = {key: mmm([r[key] for r in runs[side]])
                              for key in ("tokens_per_s", "samples_per_s", "peak_rss_mib", "process_wall_s",
                                          "own_cpu_cores", "other_cpu_cores")}
+        if args.device == "cuda":
+            s["peak_cuda_mib"] = mmm([r["peak_cuda_mib"] for r in runs[side]])
+            device_name = raw[side][0].get("cuda_device_name", "")
+            peak = args.peak_tflops or peak_tflops(device_name)
+            s["mfu"] = {"device": device_name, "peak_tflops": peak, "flops_per_token": flops_per_token,
+                        **({k: mfu(v, flops_per_token, peak) for k, v in s["tokens_per_s"].items()} if peak else {})}
         s["step_s"] = mmm([r["step_s_median"] for r in runs[side]])
         s["in_hooks_s"] = mmm([r["in_hooks_s_median"] for r in runs[side]])
         info = raw[side][0]
@@ -189,6 +204,7 @@ def summarize(args: argparse.Namespace, raw: dict[str, list[dict]], runs: dict[s
 def markdown(report: dict[str, Any]) -> str:
     """The results table (and the settings it was measured under) as markdown."""
     cfg, summary = report["config"], report["summary"]
+    cuda = cfg["device"] == "cuda"
     lines = [
         f"### SFT, model `{cfg['model']}` ({report['prepare']['n_params'] / 1e6:.2f}M params), {cfg['device']}, "
         f"{cfg['dtype']}",
@@ -201,8 +217,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{' (uncommitted changes)' if report['project']['dirty'] else ''}.",
         "",
         "| side | tokens/s min | tokens/s median | tokens/s max | samples/s median | s/step median "
-        "| peak RSS MiB median | ours/TRL tokens/s (median) | ours/TRL per repeat (min-max) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS MiB median | ours/TRL tokens/s (median) | ours/TRL per repeat (min-max) |"
+        + (" peak GPU MiB median | MFU (median) |" if cuda else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""),
     ]
     for side in cfg["sides"]:
         s = summary[side]
@@ -212,10 +229,19 @@ def markdown(report: dict[str, Any]) -> str:
         paired = f"{ratio['paired']['min']:.2f}-{ratio['paired']['max']:.2f}x" if ratio else "-"
         lines.append(f"| {SIDE_LABEL[side]} | {tps['min']:,.0f} | {tps['median']:,.0f} | {tps['max']:,.0f} | "
                      f"{s['samples_per_s']['median']:.2f} | {s['step_s']['median']:.3f} | "
-                     f"{s['peak_rss_mib']['median']:,.0f} | {ratio_txt} | {paired} |")
+                     f"{s['peak_rss_mib']['median']:,.0f} | {ratio_txt} | {paired} |"
+                     + (f" {s['peak_cuda_mib']['median']:,.0f} | {fmt_mfu(s['mfu'])} |" if cuda else ""))
+    if cuda:
+        m = summary[cfg["sides"][0]]["mfu"]
+        lines += ["", f"MFU: model FLOPs ({m['flops_per_token'] / 1e6:,.1f} MFLOP per token: 6N + 12·L·H·T) over "
+                      f"{m['device']}'s dense bf16 peak of {m['peak_tflops'] or '?'} TFLOP/s."]
     lines += ["", contention_note(report)]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", ""]
     return "\n".join(lines)
+
+
+def fmt_mfu(m: dict[str, Any]) -> str:
+    return f"{m['median']:.1%}" if "median" in m else "? (pass --peak-tflops)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -275,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "config": {**{k: v for k, v in vars(args).items() if not k.startswith("child")}, "max_len": spec["max_len"]},
         "project": project,
         "prepare": prepared,
-        "summary": summarize(args, raw, runs),
+        "summary": summarize(args, raw, runs, prepared),
         "runs": runs,
         "discarded_contended_runs": measured["discarded"],
     }

@@ -332,6 +332,7 @@ def finish_child(result: dict[str, Any], spec: dict[str, Any]) -> None:
         import torch
 
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_device_name"] = torch.cuda.get_device_name()
     Path(spec["result"]).write_text(json.dumps(result))
 
 
@@ -464,6 +465,29 @@ def summarize_run(result: dict[str, Any], warmup: int, max_other_cores: float = 
     }
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched against
+# torch.cuda.get_device_name(); more specific names first. Override with --peak-tflops.
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
+                    ("L4", 121.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by name, or None if it is not in :data:`PEAK_BF16_TFLOPS`."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
+
+
+def training_flops_per_token(n_params: int, n_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Model FLOPs of one trained token: 6N for the matmuls with the weights (forward 2N, backward 4N) plus
+    12·L·H·T for attention scores and values over a T-token context, as in PaLM (Chowdhery et al. 2022, app. B)
+    and nanoGPT's ``estimate_mfu``. Recomputation (activation checkpointing) is not counted: it is model FLOPs."""
+    return 6.0 * n_params + 12.0 * n_layers * hidden_size * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops_per_s: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the hardware peak."""
+    return tokens_per_s * flops_per_token / (peak_tflops_per_s * 1e12)
+
+
 def mmm(values: list[float]) -> dict[str, float]:
     """min / median / max."""
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
@@ -587,6 +611,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, min_kept_fraction: flo
     """Options every benchmark has (run length, repeats, machine sharing, project under test, output);
     ``min_kept_fraction`` is the benchmark's default for ``--min-kept-fraction``."""
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak for MFU (default: looked up from the device name)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="fp32, or bf16 mixed precision (both sides; for cuda)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run, warm-up included")

@@ -2,7 +2,7 @@
 
     PYTHONPATH=examples python -m rlhf_lightning fit --config configs/tiny/sft.yaml \
         --trainer.callbacks+=generation_samples.GenerationSamples \
-        --trainer.callbacks.prompts '["What is 2 + 3?", "What is 40 + 2?"]' --trainer.callbacks.every_n_steps 20
+        --trainer.callbacks.prompts '["reverse: a b c", "reverse: q w e r t y"]' --trainer.callbacks.every_n_steps 20
 
 Every ``every_n_steps`` optimizer steps it greedily answers fixed prompts (rendered with the tokenizer's chat
 template) with the current weights, prints them, and appends ``step, prompt, answer`` rows to ``generations.csv``

@@ -1,10 +1,25 @@
-"""Rule-based reward functions for the bundled addition task (``model.init_args.reward_functions``).
+"""Rule-based reward functions (``model.init_args.reward_functions``) for the bundled tasks: the addition questions
+of ``examples/data/*_tiny.jsonl`` and the demo's letter reversal (``examples/data/reverse``).
 
 A reward function takes the prompts, the decoded responses and the prompt data's labels (``label_key``) and
 returns one float per response:
 
-    reward_functions: [examples/reward_fns.py:exact_sum]
+    reward_functions: [examples/reward_fns.py:reversal_prefix]
 """
+
+
+def reversal_prefix(prompts: list[str], responses: list[str], labels: list[str | None]) -> list[float]:
+    """Demo task, partial credit in [0, 1]: the share of the answer that is right before the first mistake
+    (1.0 = exact; an answer with extra letters loses the credit of one letter). Denser than exact match, still
+    maximal only for the exact reversal."""
+    from rlhf_lightning.tasks.reverse import answer_of
+
+    scores = []
+    for prompt, response, label in zip(prompts, responses, labels, strict=True):
+        truth, got = (label or answer_of(prompt)).split(), response.split()
+        right = next((i for i, (a, b) in enumerate(zip(truth, got, strict=False)) if a != b), min(len(truth), len(got)))
+        scores.append(max(0, right - (len(got) > len(truth))) / len(truth))
+    return scores
 
 
 def exact_sum(prompts: list[str], responses: list[str], labels: list[str | None]) -> list[float]:

@@ -31,6 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT = REPO / "examples/data/reverse/heldout.jsonl"
 STAGES = ["sft", "rm", "ppo", "dpo", "grpo"]
+EXTRA_STAGES = ["kto", "simpo", "orpo"]  # not in the default run: --stages kto simpo orpo (after sft)
 # --quick: the same recipe with fewer updates, still enough for each stage to beat SFT (tests/test_pipeline.py).
 QUICK_OVERRIDES = {
     "rm": ["--trainer.max_epochs", "4"],
@@ -51,15 +52,19 @@ def stage_command(stage: str, workdir: Path, quick: bool) -> list[str]:
     return cmd + (QUICK_OVERRIDES.get(stage, []) if quick else [])
 
 
+def logged_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a stage's CSV log (``CSVLogger`` of its tiny config)."""
+    return list(csv.DictReader((run_dir / "csv/version_0/metrics.csv").read_text().splitlines()))
+
+
 def train_metrics(run_dir: Path) -> dict[str, list[float]]:
-    """Per-step ``train/reward`` and ``train/kl`` from a stage's CSV log."""
-    rows = list(csv.DictReader(open(run_dir / "csv/version_0/metrics.csv")))
+    """Per-step ``train/reward`` and ``train/kl`` of an RL stage."""
+    rows = logged_rows(run_dir)
     return {key: [float(r[key]) for r in rows if r.get(key)] for key in ("train/reward", "train/kl")}
 
 
 def final_rm_accuracy(run_dir: Path) -> float:
-    rows = list(csv.DictReader(open(run_dir / "csv/version_0/metrics.csv")))
-    return float(next(r["val/accuracy"] for r in reversed(rows) if r.get("val/accuracy")))
+    return float(next(r["val/accuracy"] for r in reversed(logged_rows(run_dir)) if r.get("val/accuracy")))
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -102,7 +107,7 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES,
+    parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES + EXTRA_STAGES,
                         help="a subset; later stages need runs/tiny-sft/hf (and PPO runs/tiny-rm/hf)")
     parser.add_argument("--quick", action="store_true", help="fewer RM/PPO/DPO/GRPO updates (see QUICK_OVERRIDES)")
     parser.add_argument("--workdir", type=Path, default=REPO, help="where runs/ is written (default: the repo)")
@@ -120,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         cmd = stage_command(stage, workdir, args.quick)
         print(f"\n[demo] {stage}: {' '.join(['python', *cmd[1:]])}", flush=True)
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=workdir, check=True)
+        if subprocess.run(cmd, cwd=workdir).returncode != 0:
+            sys.exit(f"[demo] stage '{stage}' failed (its output is above); rerun it alone from {workdir} with:\n"
+                     f"  {' '.join(['python', *cmd[1:]])}")
         results[stage] = {"seconds": time.perf_counter() - start}
         if stage == "rm":
             results[stage]["pair_accuracy"] = final_rm_accuracy(run_dir)

@@ -42,10 +42,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# Epochs the tests were tuned with; the tiny configs themselves are tuned for the demo (scripts/pipeline.py).
+TEST_EPOCHS = {"sft.yaml": 3, "rm.yaml": 2}
+
+
 def base_args(run_dir: Path, model: Path | str, data: Path = SFT_DATA, config: Path = TINY_SFT_CONFIG) -> list[str]:
     """CLI args for a short run writing logs, checkpoints and the HF export under ``run_dir``."""
+    epochs = ["--trainer.max_epochs", str(TEST_EPOCHS[config.name])] if config.name in TEST_EPOCHS else []
     return [
-        "fit", "--config", str(config),
+        "fit", "--config", str(config), *epochs,
         "--model.init_args.model", str(model),
         "--data.init_args.path", str(data),
         "--trainer.default_root_dir", str(run_dir),
@@ -70,18 +75,22 @@ def run_cli(args: list[str]) -> None:
     main(args)
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process. An earlier in-process run leaves Lightning's rendezvous variables
+    (MASTER_PORT, still bound by this process...) behind: they are dropped."""
+    leaked = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
+              "RAY_ADDRESS"}
+    return {k: v for k, v in os.environ.items() if k not in leaked} | {"PYTHONPATH": str(REPO)} | (extra or {})
+
+
 def run_cli_subprocess(args: list[str], timeout: float = 600, env: dict[str, str] | None = None
                        ) -> subprocess.CompletedProcess:
     """Run the CLI in a child process (needed for several ranks: Lightning re-launches the command per rank).
 
     stdin is closed, so nothing can wait for keyboard input; past ``timeout`` the child is killed and the test fails
     with what it printed so far."""
-    # An earlier in-process run leaves Lightning's rendezvous variables (MASTER_PORT...) behind: drop them.
-    leaked = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
-              "RAY_ADDRESS"}
-    child_env = {k: v for k, v in os.environ.items() if k not in leaked} | {"PYTHONPATH": str(REPO)} | (env or {})
     try:
-        proc = subprocess.run([sys.executable, "-m", "rlhf_lightning", *args], cwd=REPO, env=child_env,
+        proc = subprocess.run([sys.executable, "-m", "rlhf_lightning", *args], cwd=REPO, env=child_env(env),
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         out, errs = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (err.stdout, err.stderr))

@@ -31,8 +31,12 @@ def rl_args(run_dir, model, *extra: str) -> list[str]:
     callbacks = json.loads(args[args.index("--trainer.callbacks") + 1])
     callbacks.append({"class_path": "rlhf_lightning.callbacks.SampleTable", "init_args": {"every_n_steps": 5}})
     args[args.index("--trainer.callbacks") + 1] = json.dumps(callbacks)
+    # The settings these tests were tuned with (the tiny config itself is tuned for the demo task).
     return args + ["--model.init_args.reward_functions", json.dumps([EVEN]), "--data.init_args.batch_size", "8",
-                   "--model.init_args.optimizer.init_args.lr", "2e-3", *extra]
+                   "--model.init_args.optimizer.init_args.lr", "2e-3", "--model.init_args.n_samples_per_prompt", "4",
+                   "--model.init_args.max_new_tokens", "6", "--model.init_args.temperature", "1.0",
+                   "--model.init_args.loss_aggregation", "token_mean", "--model.init_args.micro_batch_size", "32",
+                   "--model.init_args.lr_scheduler", "constant", "--model.init_args.warmup_steps", "0", *extra]
 
 
 def assert_reward_rises(run_dir, start_model):

@@ -43,3 +43,22 @@ def test_sloppy_demonstrations_swap_the_last_two_letters_of_long_answers(tmp_pat
         assert given == (truth[:-2] + truth[:-3:-1] if len(truth) >= 6 else truth)
     for row in map(json.loads, files["preference"].read_text().splitlines()):
         assert row["chosen"] == reverse.answer_of(row["prompt"]) != row["rejected"]
+
+
+def test_bundled_demo_data_is_what_the_generator_writes(tmp_path):
+    """examples/data/reverse is `python -m rlhf_lightning.tasks.reverse` output: regenerating it changes nothing."""
+    from conftest import REPO
+
+    files = reverse.write_data(tmp_path)
+    for name, path in files.items():
+        assert path.read_text() == (REPO / "examples/data/reverse" / path.name).read_text(), name
+
+
+def test_demo_split_sft_demonstrations_slip_and_pairs_reject_the_slip():
+    from conftest import REPO
+
+    sft = [json.loads(line) for line in (REPO / "examples/data/reverse/sft.jsonl").read_text().splitlines()]
+    long = [r for r in sft if len(r["output"].split()) >= 6]
+    slipped = sum(r["output"] != reverse.answer_of(r["input"]) for r in long) / len(long)
+    assert 0.55 < slipped < 0.65  # sft_error_rate 0.6
+    assert all(r["output"] == reverse.answer_of(r["input"]) for r in sft if len(r["output"].split()) < 6)

@@ -1,0 +1,50 @@
+"""The benchmark harness's arithmetic and summary table (the benchmarks themselves run under benchmarks/)."""
+
+import sys
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import common  # noqa: E402
+import run_all  # noqa: E402
+
+
+def test_mfu_by_hand():
+    # 1B parameters, 16 layers of width 2048, 1024-token samples: 6e9 + 12*16*2048*1024 = 6.4027e9 FLOP per token.
+    flops = common.training_flops_per_token(10**9, 16, 2048, 1024)
+    assert flops == 6e9 + 12 * 16 * 2048 * 1024
+    # 50k tokens/s on a 989 TFLOP/s GPU.
+    assert common.mfu(50_000, flops, 989.0) == pytest.approx(50_000 * flops / 989e12)
+    assert common.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert common.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert common.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert common.peak_tflops("Some Future GPU") is None
+
+
+def side(value, rss, unit="tokens_per_s", ratio=None, mfu=None):
+    summary = {unit: {"min": value, "median": value, "max": value}, "peak_rss_mib": {"median": rss}}
+    if ratio:
+        summary["ratio_vs_trl"] = ratio
+    if mfu is not None:
+        summary["mfu"] = {"median": mfu}
+    return summary
+
+
+def test_summary_rows_and_table_pair_each_of_our_sides_with_its_trl_counterpart():
+    ratio = {"of_medians": 1.5, "paired": {"min": 1.4, "max": 1.6}}
+    sft = {"summary": {"ours-auto": side(150.0, 900, ratio=ratio, mfu=0.3), "trl": side(100.0, 1000, mfu=0.2)},
+           "runs": {"ours-auto": [{"peak_cuda_mib": 10.0}, {"peak_cuda_mib": 12.0}], "trl": [{"peak_cuda_mib": 20.0}]}}
+    dpo = {"summary": {"ours-cached-auto": side(6.0, 800, "pairs_per_s", {**ratio, "trl_side": "trl-cached"}),
+                       "trl-cached": side(4.0, 700, "pairs_per_s"), "trl-live": side(3.0, 700, "pairs_per_s")},
+           "runs": {"ours-cached-auto": [{}], "trl-cached": [{}], "trl-live": [{}]}}
+    rows = run_all.comparison_rows("sft", sft, "tokens_per_s") + run_all.comparison_rows("dpo", dpo, "pairs_per_s")
+    assert [(r["ours"], r["trl"]) for r in rows] == [("ours-auto", "trl"), ("ours-cached-auto", "trl-cached")]
+    assert rows[0]["ours_peak_cuda_mib"] == 11.0 and rows[0]["ours_mfu"] == 0.3 and rows[1]["trl_value"] == 4.0
+    summary = {"date": "2026-11-27", "machine": "test machine", "versions": {"torch": "x"}, "command": "cmd",
+               "config": {"model": "tiny", "device": "cuda", "dtype": "bf16"}, "reports": {"sft": "a/sft.json"},
+               "rows": rows}
+    table = run_all.markdown(summary)
+    assert "| sft (tokens/s) | ours-auto | trl | 150.0 | 100.0 | **1.50x** | 1.40-1.60x | 900 / 1,000 | 11 / 20 " \
+           "| 30.0% / 20.0% |" in table
+    assert "| dpo (pairs/s) | ours-cached-auto | trl-cached |" in table and "2026-11-27; test machine" in table

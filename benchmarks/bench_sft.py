@@ -156,11 +156,10 @@ def run_prepare(spec: dict[str, Any]) -> dict[str, Any]:
                 and len(trl_prompt) == spec["prompt_len"] and n_ours_labels == expected - spec["prompt_len"]):
             raise RuntimeError(f"token counts differ: ours {len(ours['input_ids'])} ({n_ours_labels} labelled), "
                                f"TRL {len(trl_ids)} (prompt {len(trl_prompt)}), expected {expected}")
-    config = described["model_config"]
     return {"n_params": described["n_params"], "n_words": len(words), "n_samples": n_samples,
             "tokens_per_sample": expected, "label_tokens_per_sample": expected - spec["prompt_len"],
-            "model_config": config, "n_layers": config.get("num_hidden_layers"),
-            "hidden_size": config.get("hidden_size")}
+            "model_config": described["model_config"], "n_layers": described["n_layers"],
+            "hidden_size": described["hidden_size"]}
 
 
 def child_main(role: str, spec_path: str) -> None:

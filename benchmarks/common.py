@@ -153,7 +153,8 @@ def build_model(project_root: str, overrides: dict[str, Any], model_dir: str) ->
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    return tokenizer, {"n_params": sum(p.numel() for p in model.parameters()), "model_config": config.to_diff_dict()}
+    return tokenizer, {"n_params": sum(p.numel() for p in model.parameters()), "model_config": config.to_diff_dict(),
+                       "n_layers": config.num_hidden_layers, "hidden_size": config.hidden_size}
 
 
 def one_token_words(tokenizer: Any) -> list[str]:

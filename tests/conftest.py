@@ -83,20 +83,25 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in leaked} | {"PYTHONPATH": str(REPO)} | (extra or {})
 
 
-def run_cli_subprocess(args: list[str], timeout: float = 600, env: dict[str, str] | None = None
-                       ) -> subprocess.CompletedProcess:
-    """Run the CLI in a child process (needed for several ranks: Lightning re-launches the command per rank).
-
-    stdin is closed, so nothing can wait for keyboard input; past ``timeout`` the child is killed and the test fails
-    with what it printed so far."""
+def run_child(cmd: list[str], timeout: float = 600, env: dict[str, str] | None = None, cwd: Path = REPO
+              ) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a child process with :func:`child_env` and stdin closed (nothing can wait for keyboard
+    input); fail the test with what it printed if it exits non-zero or is still running after ``timeout``."""
+    name = " ".join(cmd[1:3])
     try:
-        proc = subprocess.run([sys.executable, "-m", "rlhf_lightning", *args], cwd=REPO, env=child_env(env),
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=cwd, env=child_env(env), stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         out, errs = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (err.stdout, err.stderr))
-        pytest.fail(f"CLI did not finish within {timeout:.0f} s:\n{out[-3000:]}\n{errs[-6000:]}")
-    assert proc.returncode == 0, f"CLI failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        pytest.fail(f"{name} did not finish within {timeout:.0f} s:\n{out[-3000:]}\n{errs[-6000:]}")
+    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def run_cli_subprocess(args: list[str], timeout: float = 600, env: dict[str, str] | None = None
+                       ) -> subprocess.CompletedProcess:
+    """Run the CLI in a child process (needed for several ranks: Lightning re-launches the command per rank)."""
+    return run_child([sys.executable, "-m", "rlhf_lightning", *args], timeout, env)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

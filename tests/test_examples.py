@@ -1,11 +1,10 @@
 """examples/python_api.py: the Python API run of a custom DPO variant, a custom reward and a custom callback."""
 
 import csv
-import subprocess
 import sys
 
 import torch
-from conftest import REPO, base_args, child_env, load_weights, run_cli
+from conftest import REPO, base_args, load_weights, run_child, run_cli
 
 
 def test_python_api_example_trains_dpo_variant_then_grpo_with_custom_reward(tmp_path, tiny_model_dir):
@@ -14,11 +13,8 @@ def test_python_api_example_trains_dpo_variant_then_grpo_with_custom_reward(tmp_
             + ["--trainer.max_steps", "100"])
     sft_model = tmp_path / "sft/hf"
     out = tmp_path / "api"
-    cmd = [sys.executable, str(REPO / "examples/python_api.py"), "--model", str(sft_model), "--out", str(out),
-           "--dpo-steps", "4", "--grpo-steps", "3", "--max-pairs", "128"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = run_child([sys.executable, str(REPO / "examples/python_api.py"), "--model", str(sft_model), "--out",
+                      str(out), "--dpo-steps", "4", "--grpo-steps", "3", "--max-pairs", "128"], cwd=tmp_path)
     assert "grpo   held-out exact match" in proc.stdout
     start, dpo, grpo = (load_weights(d) for d in (sft_model, out / "dpo/hf", out / "grpo/hf"))
     key = "model.embed_tokens.weight"

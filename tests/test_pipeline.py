@@ -2,20 +2,14 @@
 
 import json
 import math
-import subprocess
 import sys
 
-from conftest import REPO, child_env
+from conftest import REPO, run_child
 
 
 def test_quick_demo_pipeline_each_alignment_stage_beats_sft(tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts/pipeline.py"), "--quick", "--workdir", str(tmp_path)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
-                              env=child_env())
-    except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"pipeline timed out; output:\n{(err.stdout or '')[-3000:]}") from err
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = run_child([sys.executable, str(REPO / "scripts/pipeline.py"), "--quick", "--workdir", str(tmp_path)],
+                     timeout=900)
     # Every stage is the plain CLI call on its tiny config, printed so users can copy it.
     for stage in ("sft", "rm", "ppo", "dpo", "grpo"):
         assert f"rlhf_lightning fit --config {REPO}/configs/tiny/{stage}.yaml" in proc.stdout

@@ -3,6 +3,8 @@
 import json
 import random
 
+from conftest import REPO
+
 from rlhf_lightning.tasks import reverse
 
 
@@ -47,18 +49,19 @@ def test_sloppy_demonstrations_swap_the_last_two_letters_of_long_answers(tmp_pat
 
 def test_bundled_demo_data_is_what_the_generator_writes(tmp_path):
     """examples/data/reverse is `python -m rlhf_lightning.tasks.reverse` output: regenerating it changes nothing."""
-    from conftest import REPO
-
     files = reverse.write_data(tmp_path)
     for name, path in files.items():
         assert path.read_text() == (REPO / "examples/data/reverse" / path.name).read_text(), name
 
 
 def test_demo_split_sft_demonstrations_slip_and_pairs_reject_the_slip():
-    from conftest import REPO
-
     sft = [json.loads(line) for line in (REPO / "examples/data/reverse/sft.jsonl").read_text().splitlines()]
     long = [r for r in sft if len(r["output"].split()) >= 6]
     slipped = sum(r["output"] != reverse.answer_of(r["input"]) for r in long) / len(long)
     assert 0.55 < slipped < 0.65  # sft_error_rate 0.6
     assert all(r["output"] == reverse.answer_of(r["input"]) for r in sft if len(r["output"].split()) < 6)
+    pairs = [json.loads(line) for line in (REPO / "examples/data/reverse/preference.jsonl").read_text().splitlines()]
+    for row in pairs:
+        slip = reverse.sloppy_answer(random.Random(0), row["chosen"], 1.0, 6)
+        if slip != row["chosen"]:
+            assert row["rejected"] == slip

@@ -26,6 +26,11 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def upcast_half(values: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> float32 for softmax-type reductions; float32 and float64 keep their precision."""
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+
+
 def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each label under ``logits`` (B, T, V) -> (B, T); ignored positions give 0.
 
@@ -36,9 +41,10 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     """
     if temperature != 1.0:
         logits = logits / temperature
+    logits = upcast_half(logits)
     safe = labels.clamp(min=0)
-    picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1).float()
-    logps = picked - torch.logsumexp(logits.float(), dim=-1)
+    picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1)
+    logps = picked - torch.logsumexp(logits, dim=-1)
     return logps.masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
@@ -50,7 +56,7 @@ def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels: (B, T) token ids, already shifted so ``labels[:, t]`` is the target of ``logits[:, t]``;
             ``-100`` marks positions without a target (prompt, padding).
     """
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(upcast_half(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
@@ -284,8 +290,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     Half-precision logits are computed in float32 (float32/float64 keep their dtype); ``-inf`` logits (filtered
     tokens) have probability 0 and contribute nothing.
     """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
+    logits = upcast_half(logits)
     probs = torch.softmax(logits, dim=-1)
     finite = logits.clamp(min=torch.finfo(logits.dtype).min)
     return torch.logsumexp(logits, dim=-1) - (probs * finite).sum(-1)

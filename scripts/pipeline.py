@@ -2,6 +2,7 @@
 
     python scripts/pipeline.py              # the whole demo, ~6 minutes on 2 CPU cores
     python scripts/pipeline.py --quick      # shorter RL/DPO stages (the test suite's variant)
+    python scripts/pipeline.py --seeds 1 2 3 [--quick]   # the demo once per seed: mean and spread of each figure
 
 The task (``rlhf_lightning/tasks/reverse.py``) is reversing 3-8 letters, learned by a tiny randomly initialised
 Llama from demonstrations that often swap the last two letters. Each stage is one ordinary CLI call:
@@ -41,14 +42,17 @@ QUICK_OVERRIDES = {
 }
 
 
-def stage_command(stage: str, workdir: Path, quick: bool) -> list[str]:
-    """The CLI call of one stage; outside the repository the config's data path is made absolute."""
+def stage_command(stage: str, workdir: Path, quick: bool, seed: int | None = None) -> list[str]:
+    """The CLI call of one stage; outside the repository the config's data path is made absolute. ``seed``
+    replaces the config's ``seed_everything`` (initialisation, data order, dropout and sampling all follow it)."""
     config = REPO / "configs/tiny" / f"{stage}.yaml"
     cmd = [sys.executable, "-m", "rlhf_lightning", "fit", "--config", str(config.relative_to(REPO))]
     if workdir != REPO:
         data_path = yaml.safe_load(config.read_text())["data"]["init_args"]["path"]
         cmd[-1] = str(config)
         cmd += ["--data.init_args.path", str(REPO / data_path)]
+    if seed is not None:
+        cmd += ["--seed_everything", str(seed)]
     return cmd + (QUICK_OVERRIDES.get(stage, []) if quick else [])
 
 
@@ -105,24 +109,79 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict]:
+def seed_summary(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """Mean, sample standard deviation, min and max over seeds of each stage's held-out accuracy, plus the smallest
+    gain over SFT of the same seed (what tests/test_pipeline.py asserts)."""
+    summary = {}
+    for stage in next(iter(per_seed.values())):
+        if stage == "rm":
+            continue
+        accuracy = [results[stage]["accuracy"] for results in per_seed.values()]
+        mean = sum(accuracy) / len(accuracy)
+        std = (sum((a - mean) ** 2 for a in accuracy) / max(len(accuracy) - 1, 1)) ** 0.5
+        row = {"mean": mean, "std": std, "min": min(accuracy), "max": max(accuracy)}
+        if stage != "sft":
+            row["min_gain_over_sft"] = min(r[stage]["accuracy"] - r["sft"]["accuracy"] for r in per_seed.values())
+        summary[stage] = row
+    return summary
+
+
+def seed_table(per_seed: dict[int, dict[str, dict]]) -> str:
+    summary = seed_summary(per_seed)
+    seeds = list(per_seed)
+    lines = ["| stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | smallest gain over SFT |",
+             "|---|" + "---:|" * (len(seeds) + 2)]
+    for stage, row in summary.items():
+        cells = [f"{per_seed[s][stage]['accuracy']:.1%}" for s in seeds]
+        gain = f"{row['min_gain_over_sft'] * 100:+.1f} pts" if "min_gain_over_sft" in row else ""
+        lines.append(f"| {stage} | {' | '.join(cells)} | {row['mean']:.1%} ± {row['std']:.1%} | {gain} |")
+    return "\n".join(lines)
+
+
+def run_seeds(seeds: list[int], stages: list[str], quick: bool, workdir: Path) -> dict[int, dict[str, dict]]:
+    """The demo once per seed, each in its own ``runs/seeds/seed-<n>`` directory; table of mean and spread."""
+    per_seed = {}
+    for seed in seeds:
+        seed_dir = workdir / "runs" / "seeds" / f"seed-{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        per_seed[seed] = run_demo(stages, quick, seed_dir, seed)
+    out = workdir / "runs" / "demo"
+    out.mkdir(parents=True, exist_ok=True)
+    table = seed_table(per_seed)
+    (out / "seeds.md").write_text(table + "\n")
+    (out / "seeds.json").write_text(json.dumps({"quick": quick, "per_seed": per_seed,
+                                               "summary": seed_summary(per_seed)}, indent=1))
+    print(f"\n{table}\n\n[demo] written: {out}/seeds.md, seeds.json")
+    return per_seed
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES + EXTRA_STAGES,
                         help="a subset; later stages need runs/tiny-sft/hf (and PPO runs/tiny-rm/hf)")
     parser.add_argument("--quick", action="store_true", help="fewer RM/PPO/DPO/GRPO updates (see QUICK_OVERRIDES)")
     parser.add_argument("--workdir", type=Path, default=REPO, help="where runs/ is written (default: the repo)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of every stage (default: each config's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run the demo once per seed and report mean and spread (runs/demo/seeds.md)")
     args = parser.parse_args(argv)
+    if args.seeds:
+        return run_seeds(args.seeds, args.stages, args.quick, args.workdir.resolve())
+    return run_demo(args.stages, args.quick, args.workdir.resolve(), args.seed)
+
+
+def run_demo(stages: list[str], quick: bool, workdir: Path, seed: int | None) -> dict[str, dict]:
+    """Run ``stages`` in ``workdir`` and evaluate each exported model; returns the results per stage."""
     from rlhf_lightning.tasks.reverse import evaluate  # after --help: importing torch takes seconds
 
-    workdir = args.workdir.resolve()
     runs, results, curves = workdir / "runs", {}, {}
     rm_dir = runs / "tiny-rm/hf"
-    for stage in args.stages:
+    for stage in stages:
         run_dir = runs / f"tiny-{stage}"
         if run_dir.exists():
             print(f"[demo] replacing the previous demo output {run_dir}", flush=True)
             shutil.rmtree(run_dir)
-        cmd = stage_command(stage, workdir, args.quick)
+        cmd = stage_command(stage, workdir, quick, seed)
         print(f"\n[demo] {stage}: {' '.join(['python', *cmd[1:]])}", flush=True)
         start = time.perf_counter()
         if subprocess.run(cmd, cwd=workdir).returncode != 0:
@@ -140,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"quick": args.quick, "stages": results, "curves": curves}, indent=1))
+    report = {"quick": quick, "seed": seed, "stages": results, "curves": curves}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
     if curves:
         plot(curves, out / "reward_kl.png")
     print("\n" + table + f"\n\n[demo] written: {out}/results.md, results.json" + (", reward_kl.png" if curves else ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,19 +84,37 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in leaked} | {"PYTHONPATH": str(REPO)} | (extra or {})
 
 
-def run_child(cmd: list[str], timeout: float = 600, env: dict[str, str] | None = None, cwd: Path = REPO
-              ) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in a child process with :func:`child_env` and stdin closed (nothing can wait for keyboard
-    input); fail the test with what it printed if it exits non-zero or is still running after ``timeout``."""
-    name = " ".join(cmd[1:3])
+def kill_process_group(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s whole process group (it was started as a session leader): Lightning's extra ranks, Ray and
+    anything else it started die with it, whatever ended the test (its own timeout, pytest-timeout, Ctrl-C)."""
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=child_env(env), stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        out, errs = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (err.stdout, err.stderr))
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_child(cmd: list[str], timeout: float = 600, env: dict[str, str] | None = None, cwd: Path = REPO,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a child process with :func:`child_env` and stdin closed (nothing can wait for keyboard
+    input); fail the test with what it printed if it exits non-zero (unless ``check`` is off) or is still running
+    after ``timeout``.
+
+    The child leads its own process group, which is killed when the call ends for any reason, so a timed-out
+    test leaves no grandchildren (trainer ranks, Ray workers) running behind it."""
+    name = " ".join(cmd[1:3])
+    proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, errs = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_group(proc)
+        out, errs = proc.communicate()
         pytest.fail(f"{name} did not finish within {timeout:.0f} s:\n{out[-3000:]}\n{errs[-6000:]}")
-    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    finally:
+        kill_process_group(proc)
+    assert proc.returncode == 0 or not check, f"{name} failed ({proc.returncode}):\n{out[-3000:]}\n{errs[-6000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, errs)
 
 
 def run_cli_subprocess(args: list[str], timeout: float = 600, env: dict[str, str] | None = None

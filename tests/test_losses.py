@@ -42,3 +42,18 @@ def test_sft_nll_gradient_flows_only_through_labelled_positions():
     sft_nll(logits, labels).backward()
     assert logits.grad[0, 0].abs().sum() == 0 and logits.grad[0, 2].abs().sum() == 0
     assert logits.grad[0, 1].abs().sum() > 0 and logits.grad[0, 3].abs().sum() > 0
+
+
+def test_float64_inputs_keep_float64_precision_and_half_inputs_are_upcast():
+    # 1e-12 differences survive in float64 and vanish in float32: the losses must not cast float64 down.
+    logits = torch.tensor([[[0.0, 1e-12], [1e-12, 0.0]]], dtype=torch.float64)
+    labels = torch.tensor([[1, 0]])
+    logps = token_log_probs(logits, labels)
+    assert logps.dtype == torch.float64
+    assert torch.allclose(logps, torch.log_softmax(logits, -1)[0, [0, 1], [1, 0]].unsqueeze(0), atol=0, rtol=1e-15)
+    assert (logps - math.log(0.5)).abs().max() > 1e-14  # float32 would round both to exactly log(1/2)
+    nll = sft_nll(logits, labels)
+    assert nll.dtype == torch.float64 and abs(nll.item() + logps.mean().item()) < 1e-15
+    for half in (torch.float16, torch.bfloat16):
+        assert token_log_probs(logits.to(half), labels).dtype == torch.float32
+        assert sft_nll(logits.to(half), labels).dtype == torch.float32

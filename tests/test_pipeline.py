@@ -4,9 +4,11 @@ import json
 import math
 import sys
 
+import pytest
 from conftest import REPO, run_child
 
 
+@pytest.mark.timeout(960)  # ~4 min alone; allow for a loaded CI machine
 def test_quick_demo_pipeline_each_alignment_stage_beats_sft(tmp_path):
     proc = run_child([sys.executable, str(REPO / "scripts/pipeline.py"), "--quick", "--workdir", str(tmp_path)],
                      timeout=900)

@@ -19,6 +19,7 @@ critic with its own ``critic_learning_rate``. With ``kl_coef: 0`` no reference w
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Literal
 
@@ -211,6 +212,12 @@ class PPO(RLHFModule):
         self.trainer.strategy.barrier("weights pushed")
         self.synced_version = self.policy_version
 
+    def sampling_seed(self) -> int:
+        """Seed of this step's sampling: a function of the run's seed (``seed_everything``), the policy version and
+        the rank, so a resumed run draws the samples the uninterrupted run would have drawn."""
+        base = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return ((base * 1_000_003 + self.policy_version) * 1_009 + self.global_rank * 101) % 2**31
+
     def values_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Critic values (N, L); position t is the value of the state that predicts token t + 1."""
         hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -224,7 +231,7 @@ class PPO(RLHFModule):
         responses, versions = self.rollout.generate(
             batch["prompt_ids"], n=hp.n_samples_per_prompt, max_new_tokens=hp.max_new_tokens,
             temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k, eos_token_ids=[tok.eos_token_id],
-            pad_token_id=tok.pad_token_id, generation_kwargs=hp.generation_kwargs)
+            pad_token_id=tok.pad_token_id, generation_kwargs=hp.generation_kwargs, seed=self.sampling_seed())
         if any(v != self.policy_version for v in versions):
             raise RuntimeError(f"Rollout used weight versions {versions}, policy is at {self.policy_version}.")
         generated = time.perf_counter()

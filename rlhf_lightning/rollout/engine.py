@@ -129,10 +129,12 @@ class Rollout:
             raise RuntimeError(f"Generation workers report weight versions {versions}, expected {version}.")
 
     def generate(self, prompt_ids: list[list[int]], **sampling: Any) -> tuple[list[list[int]], list[int]]:
-        """Split the prompts over the generation workers; responses grouped by prompt, and each worker's version."""
+        """Split the prompts over the generation workers; responses grouped by prompt, and each worker's version.
+        A ``seed`` is offset by the worker's index, so workers draw different samples."""
         workers = self.workers["generation"]
         chunks = [prompt_ids[i::len(workers)] for i in range(len(workers))]
-        handles = [(i, self._call(w, "generate", chunk, **sampling))
+        seed = sampling.pop("seed", None)
+        handles = [(i, self._call(w, "generate", chunk, **sampling, seed=None if seed is None else seed + i))
                    for i, (w, chunk) in enumerate(zip(workers, chunks, strict=True)) if chunk]
         results = self.wait([h for _, h in handles])
         n = sampling["n"]

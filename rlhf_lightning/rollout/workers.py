@@ -53,12 +53,16 @@ class GenerationWorker(ModelWorker):
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float,
                  top_k: int, eos_token_ids: list[int], pad_token_id: int,
-                 generation_kwargs: dict[str, Any] | None = None) -> dict:
+                 generation_kwargs: dict[str, Any] | None = None, seed: int | None = None) -> dict:
         """``n`` responses per prompt, grouped by prompt; each ends at (and includes) its first EOS token.
 
         Sampling follows exactly the given options plus ``generation_kwargs`` (any ``GenerationConfig`` field, e.g.
         ``min_new_tokens``): an explicit ``GenerationConfig`` keeps the checkpoint's own ``generation_config.json``
-        (repetition penalty, its default temperature...) from silently changing the distribution sampled."""
+        (repetition penalty, its default temperature...) from silently changing the distribution sampled.
+
+        ``seed`` makes the samples a function of the call alone (the trainer derives it from the run's seed and
+        the policy version), so a resumed run samples what the uninterrupted one would have, on any backend; the
+        caller's random state is left untouched."""
         prompt_ids = [p for p in prompt_ids for _ in range(n)]  # n rows per prompt (greedy allows no n>1)
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
@@ -70,8 +74,12 @@ class GenerationWorker(ModelWorker):
             if temperature > 0 else {"do_sample": False}
         config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids, pad_token_id=pad_token_id,
                                   **sampling, **(generation_kwargs or {}))
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                  generation_config=config)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(input_ids=input_ids.to(self.device),
+                                      attention_mask=attention_mask.to(self.device), generation_config=config)
         responses = []
         for row in out[:, width:].tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in eos_token_ids), len(row))

@@ -39,18 +39,20 @@ DATA = EXAMPLES / "data" / "reverse"
 WATCHED = ["reverse: a b c d e f", "reverse: q w e r t y u i"]
 
 
-def trainer(out: Path, max_steps: int, *callbacks: object) -> Trainer:
-    """One process, DeepSpeed ZeRO-2 (on CPU or GPU), CSV logs and a Hugging Face export in ``out``."""
+def trainer(out: Path, max_steps: int, *callbacks: object, overwrite: bool = False) -> Trainer:
+    """One process, DeepSpeed ZeRO-2 (on CPU or GPU), CSV logs and a Hugging Face export in ``out`` (an earlier
+    export there is an error unless ``overwrite``)."""
     return Trainer(accelerator="auto", devices=1, strategy=DeepSpeedStrategy(stage=2), max_steps=max_steps,
                    max_epochs=-1, default_root_dir=str(out), logger=CSVLogger(str(out), name="csv"),
                    enable_checkpointing=False, log_every_n_steps=1,
-                   callbacks=[HFExport(dirpath=str(out / "hf")), *callbacks])
+                   callbacks=[HFExport(dirpath=str(out / "hf"), overwrite=overwrite), *callbacks])
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="runs/tiny-sft/hf", help="an SFT export (or any causal LM)")
     parser.add_argument("--out", type=Path, default=Path("runs/python-api"))
+    parser.add_argument("--overwrite", action="store_true", help="replace the exports of an earlier run in --out")
     parser.add_argument("--dpo-steps", type=int, default=200)
     parser.add_argument("--grpo-steps", type=int, default=60)
     parser.add_argument("--max-pairs", type=int, default=None, help="use only the first N preference pairs")
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                          warmup_steps=0)
     pairs = PreferenceDataModule(path=str(DATA / "preference.jsonl"), tokenizer=args.model, val_split=0.05,
                                  max_len=128, batch_size=16, max_samples=args.max_pairs)
-    trainer(dpo_dir, args.dpo_steps, GenerationSamples(WATCHED, every_n_steps=50)).fit(dpo, datamodule=pairs)
+    trainer(dpo_dir, args.dpo_steps, GenerationSamples(WATCHED, every_n_steps=50), overwrite=args.overwrite).fit(
+        dpo, datamodule=pairs)
     results["dpo"] = evaluate(dpo_dir / "hf", DATA / "heldout.jsonl")
 
     grpo_dir = args.out / "grpo"
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                warmup_steps=0)
     prompts = PromptDataModule(path=str(DATA / "prompts.jsonl"), tokenizer=str(dpo_dir / "hf"), label_key="answer",
                                batch_size=32)
-    trainer(grpo_dir, args.grpo_steps, GenerationSamples(WATCHED, every_n_steps=20)).fit(grpo, datamodule=prompts)
+    trainer(grpo_dir, args.grpo_steps, GenerationSamples(WATCHED, every_n_steps=20), overwrite=args.overwrite).fit(
+        grpo, datamodule=prompts)
     results["grpo"] = evaluate(grpo_dir / "hf", DATA / "heldout.jsonl")
 
     for stage, r in results.items():

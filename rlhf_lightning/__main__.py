@@ -1,15 +1,55 @@
-"""Entry point: ``python -m rlhf_lightning fit --config configs/tiny/sft.yaml`` (or the ``rlhf-lightning`` script)."""
+"""Entry point: ``python -m rlhf_lightning fit --config configs/tiny/sft.yaml`` (or the ``rlhf-lightning`` script).
+
+A user mistake (:class:`~rlhf_lightning.errors.UserError`: a bad path, column, option or combination) ends the run
+with one line, ``error: <message>``, on stderr and exit status 2; any other exception is a bug and keeps its full
+traceback. ``--verbose`` (anywhere on the command line) or ``RLHF_VERBOSE=1`` shows tracebacks for user errors too.
+"""
 
 from __future__ import annotations
 
-from rlhf_lightning.cli import RLHFCLI
+import os
+import sys
+
+from rlhf_lightning.cli import RLHFCLI, verbose
+from rlhf_lightning.errors import UserError
 from rlhf_lightning.strategies import destroy_distributed
 
 
+def find_user_error(error: BaseException) -> UserError | None:
+    """The :class:`UserError` behind ``error``: itself, or one it was raised from. jsonargparse re-raises an
+    exception from a class's ``__init__`` as a ``ValueError`` about Union subtypes, chained to the original."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def take_verbose_flag(args: list[str]) -> list[str]:
+    """``args`` without ``--verbose``; when it was there, set ``RLHF_VERBOSE=1`` (inherited by the ranks Lightning
+    launches, which re-run this command line)."""
+    if "--verbose" in args:
+        os.environ["RLHF_VERBOSE"] = "1"
+    return [arg for arg in args if arg != "--verbose"]
+
+
 def main(args: list[str] | None = None) -> RLHFCLI:
-    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` so tests can call it in-process."""
+    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` so tests can call it in-process. A user error raises
+    ``SystemExit(2)`` after printing its one-line message."""
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = take_verbose_flag(sys.argv[1:])
+    else:
+        args = take_verbose_flag(args)
     try:
         return RLHFCLI(args=args)
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None or verbose():
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         destroy_distributed()
 

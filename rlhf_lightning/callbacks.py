@@ -11,6 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from rlhf_lightning.errors import ConfigError
+from rlhf_lightning.guards import TrainingDivergedError
+
 log = logging.getLogger(__name__)
 
 
@@ -39,9 +42,34 @@ def gather_state_dict(module: torch.nn.Module, rank: int, all_ranks: bool = Fals
     return state
 
 
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` that hold a NaN or an infinity."""
+    return [name for name, tensor in state.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def _from_rank_zero(value: list[str]) -> list[str]:
+    """Rank 0's ``value`` on every rank (so all ranks raise together instead of the others hanging in a barrier)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def export_hf(model: torch.nn.Module, tokenizer: object | None, directory: str | Path, rank: int) -> None:
-    """Write ``save_pretrained`` weights (+ tokenizer) that plain ``transformers`` can load. Call on every rank."""
+    """Write ``save_pretrained`` weights (+ tokenizer) that plain ``transformers`` can load. Call on every rank.
+
+    Refuses (on every rank) a model with NaN or infinite weights, naming them: such an export would load and
+    generate garbage without any error.
+    """
     state = gather_state_dict(model, rank)
+    bad = _from_rank_zero(nonfinite_tensors(state) if rank == 0 else [])
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise TrainingDivergedError(
+            f"Not exporting to {directory}: {len(bad)} weight tensors hold NaN or inf ({shown}). Training diverged: "
+            f"lower the learning rate (model.init_args.optimizer.init_args.lr) and resume from an earlier checkpoint.")
     if rank == 0:
         directory = Path(directory)
         model.save_pretrained(directory, state_dict=state, safe_serialization=True)
@@ -55,20 +83,36 @@ class HFExport(Callback):
 
     A module may define ``prepare_export()`` (called on every rank first) to add to the export, e.g. config keys.
 
+    A new run refuses a ``dirpath`` that already holds files (another run's export would be silently replaced and
+    mixed with this one's): resuming (``ckpt_path``) or ``overwrite=True`` allows it. The CLI checks this before
+    anything loads (``--overwrite true`` sets ``overwrite``); this callback checks again when training starts, for
+    runs built in Python.
+
     Args:
         dirpath: output directory; periodic exports go to ``dirpath/step-<N>``, the final one to ``dirpath``.
         every_n_steps: export every N optimizer steps (0 = only at the end).
         at_end: export when training ends.
         attribute: the module attribute holding the Hugging Face model (e.g. ``critic`` for PPO's value model).
+        overwrite: let a new run export into a non-empty ``dirpath``.
     """
 
     def __init__(self, dirpath: str = "outputs/hf", every_n_steps: int = 0, at_end: bool = True,
-                 attribute: str = "model") -> None:
+                 attribute: str = "model", overwrite: bool = False) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.at_end = at_end
         self.attribute = attribute
+        self.overwrite = overwrite
         self._last_exported_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """Refuse a non-empty ``dirpath`` in a new run (here, after any checkpoint has been restored, so
+        ``trainer.ckpt_path`` tells a resumed run from a new one)."""
+        if self.overwrite or trainer.ckpt_path or not (self.dirpath.is_dir() and any(self.dirpath.iterdir())):
+            return
+        raise ConfigError(f"HFExport dirpath '{self.dirpath}' already holds files from an earlier run: resume that "
+                          f"run (ckpt_path), choose another directory, delete this one, or pass HFExport(overwrite="
+                          f"True) (CLI: --overwrite true).")
 
     def _export(self, trainer: pl.Trainer, module: pl.LightningModule, directory: Path) -> None:
         if hasattr(module, "prepare_export"):  # e.g. the reward model stores its reward statistics in the config

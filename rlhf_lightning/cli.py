@@ -1,13 +1,35 @@
-"""``RLHFCLI``: LightningCLI over every algorithm (subclass mode), linking the model's tokenizer to the data."""
+"""``RLHFCLI``: LightningCLI over every algorithm (subclass mode), linking the model's tokenizer to the data.
+
+Before a subcommand starts anything (model load, DeepSpeed, Ray), a pre-flight check turns user mistakes into one
+:class:`~rlhf_lightning.errors.UserError` (printed by ``__main__`` as one line):
+
+1. ``--ckpt_path``: an explicit path must exist, and ``last`` must find a checkpoint (Lightning would silently
+   start a new run, e.g. after a typo in the run directory);
+2. ``fit`` only: the output directories of ``HFExport`` and ``ModelCheckpoint`` must be empty unless resuming
+   (``--ckpt_path``) or ``--overwrite true``: two runs in one directory otherwise mix their checkpoints and the
+   last export silently wins;
+3. ``model.check_config(datamodule)``: option combinations and model paths;
+4. ``datamodule.setup(stage)``: data paths, columns and rows (``setup`` returns at once when Lightning calls it
+   again).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import sys
+from pathlib import Path
+from typing import NoReturn
 
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rlhf_lightning.algorithms import RLHFModule
+from rlhf_lightning.callbacks import HFExport
+from rlhf_lightning.errors import ConfigError, MissingPathError
+
+CKPT_PATH_KEYWORDS = ("best", "hpc")
 
 
 def tokenizer_of(model: str, tokenizer: str | None) -> str:
@@ -15,11 +37,107 @@ def tokenizer_of(model: str, tokenizer: str | None) -> str:
     return tokenizer or model
 
 
+def verbose() -> bool:
+    """Full tracebacks and parser messages for user errors too (``RLHF_VERBOSE=1`` or ``--verbose``)."""
+    return os.environ.get("RLHF_VERBOSE", "") not in ("", "0")
+
+
+# jsonargparse's report of a subclass option that fails to parse wraps the one useful line in a Union report.
+_UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+                "Given value:", "- Expected a <class 'NoneType'>")
+
+
+def short_parse_error(message: str) -> str:
+    """One line from a jsonargparse error: the dotted option (``model.init_args.micro_batch_size``) and what is
+    wrong with it, without the Union-subtype report around it. Unknown shapes come back joined on one line."""
+    path, details = [], []
+    for line in (raw.strip() for raw in message.splitlines()):
+        if not line or line.startswith(_UNION_NOISE):
+            continue
+        key = re.fullmatch(r'(?:- )?Parser key "([^"]+)":', line)
+        subclass = re.fullmatch(r"(?:- )?Problem with given class_path '([^']+)':", line)
+        if key:
+            path.append(key.group(1))
+        elif subclass:
+            path.append("init_args")
+            details.append(f"(class {subclass.group(1)})")
+        else:
+            details.append(line)
+    text = " ".join(details[1:] + details[:1]) if details and details[0].startswith("(class") else " ".join(details)
+    return f"{'.'.join(path)}: {text}" if path else text
+
+
+class RLHFArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, reporting a bad option as one line instead of the full usage (~50 lines)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or verbose():  # nested parsers raise to their parent; --verbose: jsonargparse's own
+            super().error(message, ex)
+        sys.stderr.write(f"error: {short_parse_error(message)} (--help lists the options, --verbose gives the full "
+                         f"report)\n")
+        sys.exit(2)
+
+
+def output_dirs(trainer: Trainer) -> list[tuple[str, Path]]:
+    """(description, directory) of the callbacks that write a run's outputs to a fixed directory."""
+    dirs = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, HFExport) and not callback.overwrite:
+            dirs.append(("HFExport dirpath", Path(callback.dirpath)))
+        elif isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            dirs.append(("ModelCheckpoint dirpath", Path(callback.dirpath)))
+    return dirs
+
+
+def check_output_dirs(trainer: Trainer) -> None:
+    """Refuse to start a new run in output directories that hold another run's files."""
+    for what, directory in output_dirs(trainer):
+        if directory.is_dir() and any(directory.iterdir()):
+            raise ConfigError(
+                f"{what} '{directory}' already holds files from an earlier run: a new run would mix its outputs "
+                f"with them. Resume that run with --ckpt_path last, choose another directory, delete this one, "
+                f"or pass --overwrite true.")
+
+
+def last_checkpoints(trainer: Trainer) -> tuple[set[str], list[str]]:
+    """(existing ``last`` checkpoints, directories searched), found the way ``trainer.fit(ckpt_path="last")`` finds
+    them (Lightning's own ``ModelCheckpoint._find_last_checkpoints``)."""
+    found, searched = set(), []
+    for callback in trainer.callbacks:
+        if isinstance(callback, OnExceptionCheckpoint):
+            searched.append(callback.ckpt_path)
+            found |= {callback.ckpt_path} if Path(callback.ckpt_path).exists() else set()
+        elif isinstance(callback, ModelCheckpoint):
+            candidates = callback._find_last_checkpoints(trainer)
+            searched.append(str(callback.dirpath or "the ModelCheckpoint default directory"))
+            found |= {path for path in candidates if Path(path).exists()}
+    return found, searched
+
+
+def check_ckpt_path(ckpt_path: str | None, trainer: Trainer) -> None:
+    """``--ckpt_path``: an explicit local path must exist; ``last`` must find a checkpoint."""
+    if not ckpt_path or ckpt_path in CKPT_PATH_KEYWORDS or str(ckpt_path).startswith("registry") or "://" in str(
+            ckpt_path):
+        return
+    if ckpt_path == "last":
+        found, searched = last_checkpoints(trainer)
+        if not found:
+            where = ", ".join(f"'{d}'" for d in searched) or "no ModelCheckpoint callback is configured"
+            raise MissingPathError(
+                f"--ckpt_path last: no last checkpoint to resume from (searched: {where}). Check "
+                f"trainer.default_root_dir and the ModelCheckpoint dirpath (a typo there would start a new run), or "
+                f"drop --ckpt_path to start one on purpose.")
+    elif not Path(ckpt_path).exists():
+        raise MissingPathError(f"--ckpt_path '{ckpt_path}' does not exist. Pass a checkpoint path, or 'last' to "
+                               f"resume from the run's ModelCheckpoint directory.")
+
+
 class RLHFCLI(LightningCLI):
     """``python -m rlhf_lightning {fit,validate,test,predict} --config configs/<algo>.yaml``.
 
     ``--model`` takes any :class:`RLHFModule` subclass by ``class_path`` (yours too), ``--data`` any
     ``LightningDataModule``. The data module's ``tokenizer`` follows the model's unless set in the data section.
+    ``fit --overwrite true`` lets a new run write into non-empty output directories (see the module docstring).
     """
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
@@ -30,13 +148,41 @@ class RLHFCLI(LightningCLI):
             subclass_mode_data=True,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
+            parser_class=RLHFArgumentParser,
             args=args,
             run=run,
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments(("model.init_args.model", "model.init_args.tokenizer"), "data.init_args.tokenizer",
+                              compute_fn=tokenizer_of)
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: let a new run write into non-empty HFExport / ModelCheckpoint directories "
+                                 "(otherwise an error, unless resuming with --ckpt_path).")
+
+    # ------------------------------------------------------------------------------------------ pre-flight
+    def preflight(self, stage: str) -> None:
+        """Every check that can fail on a user mistake, before the subcommand loads a model or starts DeepSpeed."""
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        check_ckpt_path(ckpt_path, self.trainer)
+        if stage == "fit" and not ckpt_path:
+            if config.get("overwrite"):
+                for callback in self.trainer.callbacks:
+                    if isinstance(callback, HFExport):
+                        callback.overwrite = True
+            else:
+                check_output_dirs(self.trainer)
+        if isinstance(self.model, RLHFModule):
+            self.model.check_config(self.datamodule)
+        if self.datamodule is not None:
+            self.datamodule.trainer = self.trainer  # as Lightning attaches it; setup may read it
+            self.datamodule.setup(stage)
+
     def before_fit(self) -> None:
-        """Start (or join) Ray in the launching process, before Lightning spawns the other local ranks, so they
-        find the cluster through ``RAY_ADDRESS``."""
+        """Pre-flight, then start (or join) Ray in the launching process, before Lightning spawns the other local
+        ranks, so they find the cluster through ``RAY_ADDRESS``."""
+        self.preflight("fit")
         config = getattr(self.model, "rollout_config", None)
         launching_process = os.environ.get("LOCAL_RANK", "0") == "0"  # Lightning sets LOCAL_RANK in the ranks it spawns
         if config is not None and config.backend == "ray" and launching_process:
@@ -44,6 +190,11 @@ class RLHFCLI(LightningCLI):
 
             start_ray(config)
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments(("model.init_args.model", "model.init_args.tokenizer"), "data.init_args.tokenizer",
-                              compute_fn=tokenizer_of)
+    def before_validate(self) -> None:
+        self.preflight("validate")
+
+    def before_test(self) -> None:
+        self.preflight("test")
+
+    def before_predict(self) -> None:
+        self.preflight("predict")

@@ -23,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rlhf_lightning.errors import ConfigError, MissingPathError
+
 log = logging.getLogger(__name__)
 
 TINY_PRESET = "tiny-llama"
@@ -31,8 +33,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map the ``tiny-llama`` preset to its bundled directory; check that local-looking paths exist."""
+def resolve_model_path(name_or_path: str, option: str = "model.init_args.model") -> str:
+    """Map the ``tiny-llama`` preset to its bundled directory; check that local-looking paths exist.
+
+    ``option`` is the config key the path came from, named in the error."""
     if name_or_path == TINY_PRESET:
         return str(TINY_PRESET_DIR)
     path = Path(name_or_path).expanduser()
@@ -40,8 +44,8 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(path)
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
     if looks_local:
-        raise FileNotFoundError(
-            f"Model path '{name_or_path}' does not exist. Pass an existing local directory, a Hugging Face hub id "
+        raise MissingPathError(
+            f"{option}='{name_or_path}' does not exist. Pass an existing local directory, a Hugging Face hub id "
             f"(e.g. 'meta-llama/Llama-2-7b-hf') or '{TINY_PRESET}' for the bundled tiny test model."
         )
     return name_or_path
@@ -53,9 +57,26 @@ def has_weights(path: str) -> bool:
     return p.is_dir() and any(any(p.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.index.json"))
 
 
+def check_model_path(name_or_path: str, option: str = "model.init_args.model", random_init: bool = False) -> str:
+    """Resolve ``name_or_path`` and refuse a local directory without weights unless ``random_init`` (or the
+    ``tiny-llama`` preset, which is random by design). Cheap: reads no weights, so it runs before anything loads.
+
+    Without this check transformers builds such a directory (e.g. an export interrupted after its config was
+    written) with random weights, and the next stage silently trains from noise."""
+    path = resolve_model_path(name_or_path, option)
+    if name_or_path != TINY_PRESET and not random_init and Path(path).is_dir() and not has_weights(path):
+        raise MissingPathError(
+            f"{option}='{name_or_path}' has no weights (*.safetensors / *.bin): was its export interrupted? Point "
+            f"{option} at a complete model, or set model.init_args.random_init: true to start from random weights "
+            f"on purpose."
+        )
+    return path
+
+
 def to_dtype(dtype: str) -> torch.dtype:
+    """``torch.dtype`` of a dtype name (``float32``, ``bf16``...)."""
     if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype '{dtype}'. Choose one of {sorted(DTYPES)}.")
+        raise ConfigError(f"model.init_args.dtype='{dtype}' is unknown. Choose one of {sorted(DTYPES)}.")
     return DTYPES[dtype]
 
 
@@ -66,22 +87,30 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
-def _hub_error(name_or_path: str, option: str, err: Exception) -> OSError:
-    return OSError(
+def _load_error(name_or_path: str, path: str, option: str, err: Exception) -> MissingPathError:
+    """The error for a config/tokenizer that transformers could not load: a local directory lacking files, or a hub
+    id that is misspelled or unreachable."""
+    if Path(path).is_dir():
+        return MissingPathError(f"{option}='{name_or_path}' is a directory transformers cannot load from "
+                                f"({type(err).__name__}: {err}). Point the option at a saved model directory.")
+    return MissingPathError(
         f"Could not load '{name_or_path}' (option {option}): it is not a local directory and loading it as a "
         f"hub id failed ({type(err).__name__}: {err}). Check the spelling, your network/HF_TOKEN, or point the "
         f"option at a local directory."
     )
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
-                   padding_side: str = "right") -> PreTrainedTokenizerBase:
+TOKENIZER_OPTION = "model.init_args.tokenizer (or model.init_args.model)"
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right",
+                   option: str = TOKENIZER_OPTION) -> PreTrainedTokenizerBase:
     """Load a tokenizer; give it a pad token (the EOS token) when it has none, as most causal LMs lack one."""
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, option)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise _hub_error(name_or_path, "tokenizer", err) from err
+        raise _load_error(name_or_path, path, option, err) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -97,9 +126,12 @@ def load_causal_lm(
     config_overrides: dict[str, Any] | None = None,
     deepspeed_config: dict | None = None,
     score_head: bool = False,
+    random_init: bool = False,
+    option: str = "model.init_args.model",
 ) -> PreTrainedModel:
     """Build a causal LM from pretrained weights, or randomly initialised from its config when the directory
-    has no weights (the bundled ``tiny-llama`` preset).
+    has no weights and that is asked for: ``random_init=True`` or the bundled ``tiny-llama`` preset. Any other
+    directory without weights is a :class:`MissingPathError` naming ``option`` (see :func:`check_model_path`).
 
     ``score_head=True`` builds ``AutoModelForSequenceClassification`` with one output instead: the backbone
     plus a scalar head (a new head is initialised when loading a causal-LM checkpoint), as reward and value
@@ -108,7 +140,7 @@ def load_causal_lm(
     ``deepspeed_config`` with ZeRO stage 3 makes transformers load the checkpoint shard by shard into
     partitioned parameters (it only detects ZeRO-3 through its own ``HfDeepSpeedConfig`` object).
     """
-    path = resolve_model_path(name_or_path)
+    path = check_model_path(name_or_path, option, random_init)
     kwargs: dict[str, Any] = {
         "dtype": to_dtype(dtype),
         "attn_implementation": attn_implementation or default_attn_implementation(),
@@ -122,11 +154,11 @@ def load_causal_lm(
     overrides = {**(config_overrides or {}), **({"num_labels": 1} if score_head else {})}
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides)
-    except OSError as err:
-        raise _hub_error(name_or_path, "model", err) from err
+    except (OSError, ValueError) as err:  # ValueError: a config.json without a known model_type
+        raise _load_error(name_or_path, path, option, err) from err
     auto_class = AutoModelForSequenceClassification if score_head else AutoModelForCausalLM
     if Path(path).is_dir() and not has_weights(path):
-        log.info("'%s' has no weights: initialising %s randomly from its config", path, config.model_type)
+        log.info("'%s' has no weights: initialising %s randomly from its config, as asked", path, config.model_type)
         model = auto_class.from_config(config, **kwargs)
     else:
         model = auto_class.from_pretrained(path, config=config, **kwargs)

@@ -18,13 +18,17 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+
+from rlhf_lightning.checkpointing import partial_path, remove_path, swap_into_place
 
 
 class DeepSpeedStrategy(LightningDeepSpeedStrategy):
@@ -101,13 +105,37 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         DeepSpeed restores checkpoints after ``setup`` (``restore_checkpoint_after_setup``), but the fit loop
         builds and starts iterating its dataloader earlier (to estimate the number of steps for the LR schedule)
         and never applies the dataloader state it restores later; without this, a resumed run restarts the
-        epoch's data. Load the state, then restart the iterator so it takes effect.
+        epoch's data. Load the state, set the samplers to the restored epoch (they were set to epoch 0 before the
+        checkpoint was loaded, and a ``DistributedSampler`` draws its order when the iterator starts: without it, a
+        run resumed in epoch 1 or later replays epoch 0's order), then restart the iterator so both take effect.
         """
         super().on_train_start()
         fit_loop = self.lightning_module.trainer.fit_loop
         if fit_loop._combined_loader_states_to_load and fit_loop._data_fetcher is not None:
+            for loader in fit_loop._combined_loader.flattened:
+                _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
             fit_loop._load_combined_loader_states()
-            iter(fit_loop._data_fetcher)
+            with torch.random.fork_rng(devices=[]):  # the RNG state restored from the checkpoint stays as it was
+                iter(fit_loop._data_fetcher)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        """Write the checkpoint directory next to ``filepath``, then swap it into place once every rank is done.
+
+        Every rank writes its ZeRO shards into the temporary sibling (``.last.ckpt.partial``); after a barrier
+        rank 0 renames it over the old checkpoint, which is deleted only then. A crash while saving therefore leaves
+        the previous checkpoint whole.
+        """
+        final = Path(self.broadcast(str(filepath)))
+        tmp = partial_path(final)
+        if self.is_global_zero:
+            remove_path(tmp)  # left over from a crash during an earlier save
+        self.barrier("checkpoint: clean")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("checkpoint: shards written")
+        if self.is_global_zero:
+            swap_into_place(tmp, final)
+        self.barrier("checkpoint: in place")
 
     def micro_batch_boundary(self, last: bool) -> None:
         """Call before each micro-batch's forward under manual optimization.

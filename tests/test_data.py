@@ -7,6 +7,7 @@ from rlhf_lightning.data import SFTDataModule
 from rlhf_lightning.data.collate import IGNORE_INDEX
 from rlhf_lightning.data.formatting import render_chat, render_prompt_response, tokenize_with_spans
 from rlhf_lightning.data.sources import load_records
+from rlhf_lightning.errors import DataError
 from rlhf_lightning.models import load_tokenizer
 
 
@@ -96,7 +97,7 @@ def test_all_samples_truncated_is_an_error_naming_file_and_option(tmp_path):
 
 def test_missing_key_error_names_file_option_and_columns(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": "1 + 2", "answer": "3"}])
-    with pytest.raises(KeyError, match=r"q\.jsonl.*input_key='input'.*'question'"):
+    with pytest.raises(DataError, match=r"q\.jsonl.*input_key='input'.*'question'"):
         make_datamodule(path)
 
 

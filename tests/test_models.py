@@ -37,3 +37,22 @@ def test_unreachable_hub_id_is_a_clear_error():
     # The test machines have no hub access (HF_HUB_OFFLINE=1): the hub code path must fail with guidance.
     with pytest.raises(OSError, match="option model.*not a local directory"):
         load_causal_lm("some-org/some-model-that-is-not-cached")
+
+
+def test_directory_without_weights_is_an_error_unless_random_init(tmp_path, tiny_model_dir):
+    """An interrupted export (config, no weights) used to load as a random model with only an INFO log."""
+    from rlhf_lightning.errors import MissingPathError
+
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(MissingPathError, match=r"model\.init_args\.reference_model='.*' has no weights.*random_init"):
+        load_causal_lm(str(tmp_path), option="model.init_args.reference_model")
+    model = load_causal_lm(str(tmp_path), random_init=True)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_directory_without_config_names_the_option(tmp_path):
+    from rlhf_lightning.errors import MissingPathError
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(MissingPathError, match=r"model\.init_args\.model='.*' is a directory transformers cannot load"):
+        load_causal_lm(str(tmp_path))

@@ -107,33 +107,64 @@ def test_logged_stats_are_means_over_mini_batches(tmp_path, sft_model_dir):
 
 def test_micro_batch_accumulation_matches_one_big_batch(tmp_path, sft_model_dir):
     """Under DeepSpeed, 4 micro-batches of 4 accumulate to the gradient of one batch of 16 (greedy rollouts, SGD;
-    PPO with a critic, so both parameter groups are checked)."""
+    PPO with a critic, and both the policy and the critic are compared). Gradient clipping is off: clipping to a
+    norm would hide a wrong gradient scale (e.g. micro-batch losses summed instead of averaged)."""
     common = ["--trainer.max_steps", "1", "--model.init_args.advantage_estimator", "gae",
               "--model.init_args.n_samples_per_prompt", "1", "--model.init_args.temperature", "0",
               "--model.init_args.kl_coef", "0", "--data.init_args.batch_size", "16",
-              "--data.init_args.shuffle", "false",
+              "--data.init_args.shuffle", "false", "--model.init_args.max_grad_norm", "null",
               "--model.init_args.optimizer", json.dumps({"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}})]
     for micro in (16, 4):
-        run_cli(rl_args(tmp_path / f"micro{micro}", sft_model_dir, *common, "--model.init_args.micro_batch_size",
-                        str(micro)))
-    start, big, small = (load_weights(d) for d in (sft_model_dir, tmp_path / "micro16/hf", tmp_path / "micro4/hf"))
-    assert not torch.equal(start["model.embed_tokens.weight"], big["model.embed_tokens.weight"])
-    for name in big:
-        torch.testing.assert_close(small[name], big[name], atol=1e-5, rtol=1e-4)
+        run_dir = tmp_path / f"micro{micro}"
+        args = rl_args(run_dir, sft_model_dir, *common, "--model.init_args.micro_batch_size", str(micro))
+        callbacks = json.loads(args[args.index("--trainer.callbacks") + 1])
+        callbacks.append({"class_path": "rlhf_lightning.callbacks.HFExport",
+                          "init_args": {"dirpath": str(run_dir / "critic"), "attribute": "critic"}})
+        args[args.index("--trainer.callbacks") + 1] = json.dumps(callbacks)
+        run_cli(args)
+    for export, start in (("hf", sft_model_dir), ("critic", sft_model_dir)):
+        big, small = load_weights(tmp_path / "micro16" / export), load_weights(tmp_path / "micro4" / export)
+        name = "model.embed_tokens.weight"
+        assert not torch.equal(load_weights(start)[name], big[name]), export  # the update is not empty
+        for name in big:
+            torch.testing.assert_close(small[name], big[name], atol=1e-5, rtol=1e-4, msg=f"{export}: {name}")
+
+
+KL_PROBE = """
+import json, os
+from lightning.pytorch.callbacks import Callback
+
+
+class RecordKLCoef(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(os.path.join(os.environ["KL_PROBE_DIR"], f"rank{trainer.global_rank}.jsonl"), "a") as f:
+            kl = float(trainer.callback_metrics["train/kl"])  # what the KL controller was updated with
+            f.write(json.dumps([pl_module.policy_version, pl_module.kl_controller.value, kl]) + "\\n")
+"""
 
 
 def test_grpo_zero3_two_ranks_and_resume(tmp_path, sft_model_dir):
-    """ZeRO-3 on 2 ranks (weights gathered for the push); resuming restores policy version and KL state."""
+    """ZeRO-3 on 2 ranks (weights gathered for the push); resuming restores policy version and KL state. The
+    adaptive β is updated from the KL of all ranks' samples, so both ranks (which sample different prompts) update
+    it with the same KL and keep the same β at every step."""
     from conftest import run_cli_subprocess
 
+    (tmp_path / "kl_probe.py").write_text(KL_PROBE)
     run_dir = tmp_path / "z3"
     args = rl_args(run_dir, sft_model_dir, "--trainer.devices", "2", "--trainer.strategy.init_args.stage", "3",
-                   "--data.init_args.batch_size", "4", "--model.init_args.kl_target", "0.5")
-    run_cli_subprocess([*args, "--trainer.max_steps", "5"])
-    run_cli_subprocess([*args, "--trainer.max_steps", "7", "--ckpt_path", "last"])
+                   "--data.init_args.batch_size", "4", "--model.init_args.micro_batch_size", "16",
+                   "--model.init_args.kl_target", "0.5")
+    callbacks = json.loads(args[args.index("--trainer.callbacks") + 1]) + [{"class_path": "kl_probe.RecordKLCoef"}]
+    args[args.index("--trainer.callbacks") + 1] = json.dumps(callbacks)
+    env = {"PYTHONPATH": f"{REPO}:{tmp_path}", "KL_PROBE_DIR": str(tmp_path)}
+    run_cli_subprocess([*args, "--trainer.max_steps", "5"], env=env)
+    run_cli_subprocess([*args, "--trainer.max_steps", "7", "--ckpt_path", "last"], env=env)
     rows = read_metrics(run_dir)
     assert [int(r["step"]) for r in rows if r.get("train/reward")] == [5, 6]
     assert metric_series(rows, "train/policy_version") == [6.0, 7.0]  # continued from the restored version 5
+    betas = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert [v for v, _, _ in betas[0]] == list(range(1, 8)) and betas[0] == betas[1], betas
+    assert all(kl > 0 for _, _, kl in betas[0][1:]), betas  # the policy moved: a real KL to agree on
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed", "auto"])
@@ -229,15 +260,17 @@ def test_remote_reward_over_http(tmp_path, sft_model_dir, reward_server):
     with pytest.raises(ValueError, match="must start with http"):
         RemoteReward("localhost:8000")
 
-    # The same endpoint as GRPO's only reward source, through the CLI.
+    # The same endpoint next to a rule reward in GRPO, through the CLI: each source is logged on its own.
     served.clear()
     run_dir = tmp_path / "remote"
-    args = rl_args(run_dir, sft_model_dir, "--trainer.max_steps", "2", "--model.init_args.remote_reward_url",
-                   url + "/score")
-    args[args.index("--model.init_args.reward_functions") + 1] = "[]"
-    run_cli(args)
-    assert served == [32, 32]  # 8 prompts x 4 samples, one request per step
-    assert len(metric_series(read_metrics(run_dir), "train/reward")) == 2
+    run_cli(rl_args(run_dir, sft_model_dir, "--trainer.max_steps", "2", "--model.init_args.remote_reward_url",
+                    url + "/score", "--model.init_args.remote_reward_batch_size", "12"))
+    assert sorted(served) == [8, 8, 12, 12, 12, 12]  # 8 prompts x 4 samples per step, in requests of at most 12
+    rows = read_metrics(run_dir)
+    total, even, remote = (metric_series(rows, f"train/reward{k}") for k in ("", "/even_answer", "/127.0.0.1"))
+    assert len(total) == len(even) == len(remote) == 2
+    for t, e, r in zip(total, even, remote, strict=True):
+        assert t == pytest.approx(e + r, abs=1e-5)  # the weighted sum (weights 1)
 
 
 def test_ppo_without_reward_or_with_bad_group_size_is_rejected():
@@ -302,7 +335,8 @@ def test_grpo_two_ranks_on_ray(tmp_path, sft_model_dir):
     run_dir = tmp_path / "grpo-ray"
     run_cli_subprocess(rl_args(run_dir, sft_model_dir, "--trainer.max_steps", "10", "--trainer.devices", "2",
                                "--trainer.strategy.init_args.offload_optimizer", "true",
-                               "--data.init_args.batch_size", "4", "--model.init_args.rollout.backend", "ray",
+                               "--data.init_args.batch_size", "4", "--model.init_args.micro_batch_size", "16",
+                               "--model.init_args.rollout.backend", "ray",
                                "--model.init_args.rollout.namespace", "test-grpo-ray",
                                "--model.init_args.rollout.generation.num_cpus", "0.5",
                                "--model.init_args.rollout.reference.num_cpus", "0.5"))

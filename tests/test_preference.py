@@ -1,6 +1,8 @@
 """Preference data, reward model and the DPO family end to end on the tiny model."""
 
 
+import json
+
 import pytest
 import torch
 from conftest import (
@@ -18,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf_lightning.algorithms.preference import sequence_logps
 from rlhf_lightning.data import PreferenceDataModule, UnpairedPreferenceDataModule
 from rlhf_lightning.data.collate import IGNORE_INDEX
+from rlhf_lightning.errors import ConfigError, DataError
 
 CONFIGS = REPO / "configs" / "tiny"
 
@@ -82,12 +85,12 @@ def test_bad_rows_are_reported_by_row_number(tmp_path):
     rows = [{"prompt": "a", "chosen": "1", "rejected": "2"}, {"prompt": "b", "chosen": "7", "rejected": "7"},
             {"prompt": "c", "chosen": "", "rejected": "2"}]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(ValueError, match=r"bad\.jsonl: 2 bad row\(s\) of 3: row 1: chosen is identical.*row 2: empty"):
+    with pytest.raises(DataError, match=r"bad\.jsonl: 2 bad row\(s\) of 3: line 2: chosen is identical.*line 3: empty"):
         datamodule(path)
     with pytest.warns(UserWarning, match="2 bad row.*Skipped"):
         dm = datamodule(path, on_bad_rows="skip")
     assert len(dm.train_dataset) == 1
-    with pytest.raises(KeyError, match=r"chosen_key='better'"):
+    with pytest.raises(DataError, match=r"chosen_key='better'"):
         datamodule(path, chosen_key="better")
 
 
@@ -102,7 +105,7 @@ def test_unpaired_data_and_mismatched_pairs(tmp_path):
     assert texts[2].startswith("<|bos|><|user|>What is 1 + 2?") and texts[2].endswith("5<|end|>")  # mismatched
     assert batch["desirable"].tolist() == [True, False]
     bad = write_jsonl(tmp_path / "l.jsonl", [{"prompt": "a", "completion": "1", "label": "yes"}])
-    with pytest.raises(ValueError, match="row 0: label must be a boolean"):
+    with pytest.raises(DataError, match="line 1: label must be a boolean"):
         datamodule(bad, cls=UnpairedPreferenceDataModule)
 
 
@@ -236,3 +239,122 @@ def test_custom_dpo_variant_example(tmp_path, tiny_model_dir, easy_pairs, monkey
     losses = metric_series(rows, "train/loss")
     assert abs(losses[0] - 1.0) < 1e-3  # exp(-β·0) at the start, where policy == reference
     assert losses[-1] < losses[0] and metric_series(rows, "train/margin")[-1] > 0
+
+
+# ------------------------------------------------------------------------- layouts without a prompt column
+HH_DATA = REPO / "examples" / "data" / "hh_tiny.jsonl"
+
+
+def test_hh_transcripts_take_the_shared_prefix_as_raw_text_prompt(tmp_path, caplog):
+    """HH strings: prompt = shared prefix cut back to the last '\\n\\nAssistant:', no chat template around it."""
+    caplog.set_level("INFO")
+    dm = datamodule(HH_DATA, shuffle=False)
+    tok = dm.tokenizer
+    assert len(dm.train_dataset) == 32
+    first = dm.train_dataset[0]  # "... 25 + 27?\n\nAssistant: 52" vs "... Assistant: 53": not cut inside "5"
+    assert tok.decode(first["prompt_ids"]) == "\n\nHuman: What is 25 + 27?\n\nAssistant:"
+    assert tok.decode(first["chosen_ids"]) == " 52<|end|>" and tok.decode(first["rejected_ids"]) == " 53<|end|>"
+    two_turns = tok.decode(dm.train_dataset[3]["prompt_ids"])
+    assert two_turns.startswith("\n\nHuman: What is 5 + 9?\n\nAssistant: 14.\n\nHuman: And 9 + 19?")
+    assert two_turns.endswith("\n\nAssistant:") and "<|user|>" not in two_turns
+    summary = [r.getMessage() for r in caplog.records if "hh_tiny.jsonl (training): 32 pairs" in r.getMessage()]
+    assert len(summary) == 1 and "shared prefix of chosen/rejected (HH layout" in summary[0], summary
+    assert "example prompt '\\n\\nHuman: What is 25 + 27?\\n\\nAssistant:' / response ' 52<|end|>'" in summary[0]
+
+
+def test_hh_bad_rows_are_skipped_not_every_row(tmp_path):
+    rows = [json.loads(line) for line in HH_DATA.read_text().splitlines()[:4]]
+    rows.append({"chosen": rows[0]["chosen"], "rejected": rows[0]["chosen"]})  # identical: the only bad row
+    rows.append({"chosen": "Yes.", "rejected": "No."})  # nothing shared: no prompt
+    path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    with pytest.warns(UserWarning, match=r"2 bad row\(s\) of 6: line 5: chosen is identical.*line 6: .*share no "
+                                         r"prompt.*Skipped"):
+        dm = datamodule(path, on_bad_rows="skip")
+    assert len(dm.train_dataset) == 4
+
+
+def test_chat_pairs_take_the_shared_leading_messages(tmp_path):
+    user, hello = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+    ask = {"role": "user", "content": "1 + 2?"}
+    path = write_jsonl(tmp_path / "c.jsonl", [{"chosen": [user, hello, ask, {"role": "assistant", "content": "3"}],
+                                                "rejected": [user, hello, ask, {"role": "assistant", "content": "4"}]}])
+    dm = datamodule(path)
+    row = dm.train_dataset[0]
+    assert dm.tokenizer.decode(row["prompt_ids"]).endswith("<|user|>1 + 2?<|end|><|assistant|>")
+    assert dm.tokenizer.decode(row["chosen_ids"]) == "3<|end|>"
+
+
+# ------------------------------------------------------------------------------------------ KTO data
+def test_paired_file_is_unpaired_for_kto(tmp_path):
+    rows = [{"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": "no idea"} for i in range(3)]
+    dm = datamodule(write_jsonl(tmp_path / "p.jsonl", rows), cls=UnpairedPreferenceDataModule, shuffle=False)
+    data, tok = dm.train_dataset, dm.tokenizer
+    assert data["label"] == [True, True, True, False, False, False]  # a block of chosen rows, then rejected ones
+    assert [tok.decode(ids) for ids in data["completion_ids"]] == ["1<|end|>", "2<|end|>", "3<|end|>"] + [
+        "no idea<|end|>"] * 3
+    assert data["prompt_ids"][0] == data["prompt_ids"][3] and data["source_line"] == [1, 2, 3, 1, 2, 3]
+    hh = datamodule(HH_DATA, cls=UnpairedPreferenceDataModule, shuffle=False)
+    assert len(hh.train_dataset) == 64 and tok.decode(hh.train_dataset[0]["completion_ids"]) == " 52<|end|>"
+
+
+def test_unpaired_hh_transcript_is_split_at_its_last_assistant_turn(tmp_path):
+    rows = [{"completion": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 1 + 2?\n\nAssistant: 3", "label": True}]
+    dm = datamodule(write_jsonl(tmp_path / "u.jsonl", rows), cls=UnpairedPreferenceDataModule)
+    row = dm.train_dataset[0]
+    assert dm.tokenizer.decode(row["prompt_ids"]).endswith("1 + 2?\n\nAssistant:")
+    assert dm.tokenizer.decode(row["completion_ids"]) == " 3<|end|>"
+
+
+def test_kto_check_config_names_the_datamodule_and_refuses_batches_of_one(tmp_path, tiny_model_dir, easy_pairs):
+    from rlhf_lightning.algorithms import KTO
+
+    kto = KTO(model=str(tiny_model_dir))
+    with pytest.raises(ConfigError, match=r"KTO needs data\.class_path: rlhf_lightning\.data\."
+                                          r"UnpairedPreferenceDataModule"):
+        kto.check_config(PreferenceDataModule(path=str(easy_pairs)))
+    with pytest.raises(ConfigError, match=r"data\.init_args\.batch_size=1: KTO's KL reference point"):
+        kto.check_config(UnpairedPreferenceDataModule(path=str(easy_pairs), batch_size=1))
+    kto.check_config(UnpairedPreferenceDataModule(path=str(easy_pairs), batch_size=2))
+
+
+def test_kto_reference_point_is_clamped_after_averaging_over_ranks():
+    from rlhf_lightning.algorithms.kto import kto_reference_point_across_ranks
+
+    # Rank 0: mean log-ratio -0.4 over 2 pairs; rank 1: +0.2 over 2. Mean -0.1 -> z0 = 0 (clamping each rank
+    # first gave (0 + 0.2) / 2 = 0.1).
+    z0 = kto_reference_point_across_ranks(torch.tensor([-0.8, 0.4]), torch.tensor([2.0, 2.0]))
+    assert z0.item() == 0.0
+    z0 = kto_reference_point_across_ranks(torch.tensor([1.0, -0.2]), torch.tensor([2.0, 2.0]))
+    assert z0.item() == pytest.approx(0.2)
+    z0 = kto_reference_point_across_ranks(torch.tensor([0.9, -0.3]), torch.tensor([3.0, 1.0]))  # pair-weighted
+    assert z0.item() == pytest.approx(0.15)
+
+
+# ------------------------------------------------------------------------------ rows keyed after filtering
+def test_dense_index_after_dropping_pairs(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": "1", "rejected": "2"} for i in range(6)]
+    rows[2]["chosen"] = "x " * 300  # too long: dropped
+    rows[4]["rejected"] = "1"  # identical: bad, skipped
+    dm = datamodule(write_jsonl(tmp_path / "p.jsonl", rows), on_bad_rows="skip", max_len=32, val_split=0.25)
+    for dataset in (dm.train_dataset, dm.val_dataset):
+        assert dataset["index"] == list(range(len(dataset)))
+    assert sorted([*dm.train_dataset["source_line"], *dm.val_dataset["source_line"]]) == [1, 2, 4, 6]
+
+
+def test_dpo_precomputed_reference_with_dropped_pairs_on_hh_data(tmp_path, tiny_model_dir):
+    """One over-long and one identical pair dropped (on_bad_rows=skip): the reference cache is indexed by the rows
+    left, not by file position (this was an IndexError), and DPO trains on HH transcripts."""
+    from rlhf_lightning.__main__ import main
+
+    rows = [json.loads(line) for line in HH_DATA.read_text().splitlines()]
+    rows.insert(5, {"chosen": rows[0]["chosen"] + " no" * 300, "rejected": rows[0]["rejected"]})
+    rows.insert(9, {"chosen": rows[1]["chosen"], "rejected": rows[1]["chosen"]})
+    data = write_jsonl(tmp_path / "hh.jsonl", rows)
+    run_dir = tmp_path / "dpo"
+    cli = main(base_args(run_dir, tiny_model_dir, data=data, config=CONFIGS / "dpo.yaml")
+               + ["--trainer.max_steps", "2", "--data.init_args.on_bad_rows", "skip",
+                  "--data.init_args.batch_size", "8", "--model.init_args.precompute_reference", "true"])
+    cache, train = cli.model.reference_cache["train"], cli.datamodule.train_dataset
+    assert cache.shape == (len(train), 2) and len(train) + len(cli.datamodule.val_dataset) == 32
+    assert torch.isfinite(cache).all() and (cache < 0).all()
+    assert all(torch.isfinite(torch.tensor(metric_series(read_metrics(run_dir), "train/loss"))))

@@ -8,15 +8,60 @@ can partition the weights while they load.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import OptimizerCallable
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, SchedulerType, get_scheduler
 
-from rlhf_lightning.models import load_causal_lm, load_tokenizer
+from rlhf_lightning.checkpointing import ResumeState
+from rlhf_lightning.errors import ConfigError, UserError
+from rlhf_lightning.guards import DivergenceGuard
+from rlhf_lightning.models import check_model_path, load_causal_lm, load_tokenizer
 from rlhf_lightning.strategies import DeepSpeedStrategy
+
+# Module options that name a model (a list for ``reward_models``); the pre-flight check resolves every one.
+MODEL_PATH_OPTIONS = ("model", "reference_model", "critic_model", "reward_models")
+SCHEDULERS = sorted(t.value for t in SchedulerType)
+
+
+def model_option(name: str) -> str:
+    """The config key of a module option as users write it (``model.init_args.<name>``)."""
+    return f"model.init_args.{name}"
+
+
+def require(valid: bool, name: str, value: object, requirement: str) -> None:
+    """Raise a :class:`ConfigError` naming ``model.init_args.<name>`` and its ``requirement`` unless ``valid``."""
+    if not valid:
+        raise ConfigError(f"{model_option(name)}={value!r} is invalid: it must be {requirement}.")
+
+
+@contextmanager
+def option_errors(option: str, *kinds: type[Exception]) -> Iterator[None]:
+    """Re-raise an exception of ``kinds`` from the block as one :class:`ConfigError` naming ``option`` (e.g. a
+    reward function that cannot be imported, an optimizer that refuses its learning rate)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except kinds as err:
+        raise ConfigError(f"{option}: {type(err).__name__}: {err}") from err
+
+
+def check_optimizer(factory: OptimizerCallable) -> None:
+    """Build the optimizer once on a dummy parameter: torch optimizers check their learning rate, betas, eps and
+    weight decay in ``__init__`` (``ValueError``), so a bad value fails before the model loads. Any other failure
+    (e.g. an optimizer that needs a GPU, on a CPU login node) is left to the real build."""
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1))])
+    except ValueError as err:
+        raise ConfigError(f"{model_option('optimizer')}: {err}") from err
+    except Exception:  # noqa: BLE001, S110  (best effort: only value errors are the user's to fix here)
+        pass
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -41,6 +86,15 @@ class RLHFModule(LightningModule):
         lr_scheduler: a ``transformers.get_scheduler`` name: ``cosine``, ``linear``, ``constant_with_warmup``...
         warmup_steps: warmup length in optimizer steps, or a fraction of all steps if below 1.
         min_lr_ratio: with ``cosine``, decay to this fraction of the peak learning rate instead of 0.
+        random_init: start from random weights when a model directory has a config but no weights (the
+            ``tiny-llama`` preset always does). Off by default: such a directory, e.g. an interrupted export, is an
+            error instead of a run that silently trains from noise.
+        max_nonfinite_steps: optimizer steps with a non-finite loss or gradient are skipped (and counted in
+            ``train/skipped_steps``); this many in a row stop the run with a checkpoint (0 = never stop). See
+            :mod:`rlhf_lightning.guards`.
+        loss_spike_factor: stop the run when the training loss exceeds this multiple of the median of the recent
+            losses, e.g. ``10`` (``None`` = off). Not applied under manual optimization (PPO family).
+        loss_spike_warmup: steps to see before loss spikes are checked.
     """
 
     def __init__(
@@ -56,13 +110,54 @@ class RLHFModule(LightningModule):
         lr_scheduler: str = "cosine",
         warmup_steps: float = 0.03,
         min_lr_ratio: float = 0.0,
+        random_init: bool = False,
+        max_nonfinite_steps: int = 3,
+        loss_spike_factor: float | None = None,
+        loss_spike_warmup: int = 10,
     ) -> None:
         super().__init__()
+        require(lr_scheduler in SCHEDULERS, "lr_scheduler", lr_scheduler, f"one of {SCHEDULERS}")
+        require(warmup_steps >= 0, "warmup_steps", warmup_steps, ">= 0 (steps, or a fraction of all steps below 1)")
+        require(0 <= min_lr_ratio <= 1, "min_lr_ratio", min_lr_ratio, "between 0 and 1")
+        require(max_nonfinite_steps >= 0, "max_nonfinite_steps", max_nonfinite_steps, ">= 0 (0 = never stop)")
+        require(loss_spike_factor is None or loss_spike_factor > 1, "loss_spike_factor", loss_spike_factor,
+                "> 1 (a multiple of the recent median loss) or null")
+        require(loss_spike_warmup >= 0, "loss_spike_warmup", loss_spike_warmup, ">= 0")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._step_started = 0.0
+
+    # ------------------------------------------------------------------------------------------ pre-flight
+    def check_config(self, datamodule: LightningDataModule | None) -> None:
+        """Check options that only fail late (or silently) otherwise, before any model loads or DeepSpeed starts.
+
+        The CLI calls it once per run, with the configured but not yet set-up ``datamodule`` (read its ``hparams``).
+        Raise a :class:`~rlhf_lightning.errors.UserError` naming the option. Overrides must call
+        ``super().check_config(datamodule)``: this one checks every model path (:data:`MODEL_PATH_OPTIONS`: exists,
+        holds weights unless ``random_init``) and builds the optimizer once on a dummy parameter, so a bad learning
+        rate fails now rather than after the model has loaded."""
+        for option, path, random_ok in self.model_paths():
+            check_model_path(path, option, random_init=random_ok)
+        check_optimizer(self.optimizer_factory)
+
+    def model_paths(self) -> list[tuple[str, str, bool]]:
+        """``(option, path, may be randomly initialised)`` of every model this run loads. Reward models never are:
+        a random reward model is never what was meant."""
+        random_init = bool(self.hparams.get("random_init", False))
+        paths = []
+        for name in MODEL_PATH_OPTIONS:
+            value = self.hparams.get(name)
+            values = value if isinstance(value, list | tuple) else [value]
+            for i, path in enumerate(v for v in values if v):
+                option = model_option(name) + (f"[{i}]" if isinstance(value, list | tuple) else "")
+                paths.append((option, path, random_init and name != "reward_models"))
+        return paths
+
+    def option_of(self, name_or_path: str) -> str:
+        """The option a model path came from, for error messages (``model.init_args.model`` if none matches)."""
+        return next((option for option, path, _ in self.model_paths() if path == name_or_path), model_option("model"))
 
     # ----------------------------------------------------------------------------------------------- model
     def load_model(self, name_or_path: str, score_head: bool = False) -> PreTrainedModel:
@@ -73,7 +168,8 @@ class RLHFModule(LightningModule):
         return load_causal_lm(name_or_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
                               gradient_checkpointing=hp.gradient_checkpointing,
                               trust_remote_code=hp.trust_remote_code, config_overrides=hp.config_overrides,
-                              deepspeed_config=ds_config, score_head=score_head)
+                              deepspeed_config=ds_config, score_head=score_head,
+                              random_init=bool(hp.get("random_init", False)), option=self.option_of(name_or_path))
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -108,6 +204,12 @@ class RLHFModule(LightningModule):
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the whole run, for the LR schedule (override when a step makes several)."""
         return int(self.trainer.estimated_stepping_batches)
+
+    # ----------------------------------------------------------------------------------- resume, divergence
+    def configure_callbacks(self) -> list[Callback]:
+        """Callbacks every run needs: RNG state in checkpoints (exact resume) and the divergence guard."""
+        hp = self.hparams
+        return [ResumeState(), DivergenceGuard(hp.max_nonfinite_steps, hp.loss_spike_factor, hp.loss_spike_warmup)]
 
     # ------------------------------------------------------------------------------------------ throughput
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -94,6 +94,9 @@ class DPO(PreferenceModule):
         seen = torch.zeros(size, dtype=torch.float64, device=self.device)
         for batch in tqdm(loader, desc=f"Reference log-probs ({name})", disable=self.global_rank != 0):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
+            if int(batch["index"].max()) >= size:  # the DataModule numbers rows densely after filtering
+                raise RuntimeError(f"Row index {int(batch['index'].max())} outside the {size} {name} rows: the "
+                                   f"DataModule's 'index' column must number the rows 0..N-1 after filtering.")
             chosen, rejected = split_pairs(sequence_logps(model, batch)["sum"].double())
             total[batch["index"]] = torch.stack([chosen, rejected], dim=1)
             seen[batch["index"]] = 1.0

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from rlhf_lightning.algorithms.base import require
 from rlhf_lightning.algorithms.preference import PreferenceModule, sequence_logps, split_pairs
 from rlhf_lightning.losses import orpo_odds_ratio_loss
 
@@ -27,6 +28,7 @@ class ORPO(PreferenceModule):
 
     def __init__(self, *args: Any, lambda_or: float = 0.1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        require(lambda_or >= 0, "lambda_or", lambda_or, ">= 0")
 
     def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy = sequence_logps(self.model, batch)

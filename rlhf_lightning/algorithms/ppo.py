@@ -24,16 +24,19 @@ import time
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rlhf_lightning import advantages as adv
-from rlhf_lightning.algorithms.base import RLHFModule
+from rlhf_lightning.algorithms.base import RLHFModule, model_option, option_errors, require
 from rlhf_lightning.algorithms.reward_model import score_head
 from rlhf_lightning.callbacks import gather_state_dict
 from rlhf_lightning.data.collate import IGNORE_INDEX, pad_sequences
+from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.losses import aggregate, entropy_from_logits, policy_loss, shift_labels, token_log_probs, value_loss
-from rlhf_lightning.rollout.engine import Rollout, RolloutConfig
-from rlhf_lightning.rollout.rewards import RemoteReward, checked_scores, load_reward_fn
+from rlhf_lightning.models import TINY_PRESET
+from rlhf_lightning.rollout.engine import Rollout, RolloutConfig, RolloutWorkerError
+from rlhf_lightning.rollout.rewards import RemoteReward, checked_scores, load_reward_fn, source_names
 from rlhf_lightning.strategies import DeepSpeedStrategy
 
 Estimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_baseline"]
@@ -55,7 +58,10 @@ class PPO(RLHFModule):
         reward_models: reward-model paths (exports of ``RewardModel``), each run by its own worker.
         reward_functions: rule rewards as ``file.py:fn`` or ``module:fn`` (prompts, responses, labels -> floats).
         remote_reward_url: an HTTP reward endpoint (see ``RemoteReward``).
-        remote_reward_timeout: seconds before a remote reward call fails.
+        remote_reward_timeout: seconds one remote reward request may take in all (connect to last byte of the reply).
+        remote_reward_retries: retries of a failed or timed-out remote request (exponential, jittered backoff).
+        remote_reward_batch_size: responses per remote request (``None``: the whole rollout in one request).
+        remote_reward_max_concurrency: remote requests in flight at once.
         reward_weights: one weight per reward source, in the order models, functions, remote (default all 1).
         normalize_reward: standardise reward-model scores with the mean/std stored in the model.
         reward_clip: clip the combined score to [-c, c] (``None`` = no clipping).
@@ -91,7 +97,8 @@ class PPO(RLHFModule):
         max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
         generation_kwargs: dict[str, Any] | None = None,
         reward_models: list[str] | None = None, reward_functions: list[str] | None = None,
-        remote_reward_url: str | None = None, remote_reward_timeout: float = 30.0,
+        remote_reward_url: str | None = None, remote_reward_timeout: float = 30.0, remote_reward_retries: int = 2,
+        remote_reward_batch_size: int | None = None, remote_reward_max_concurrency: int = 4,
         reward_weights: list[float] | None = None, normalize_reward: bool = True, reward_clip: float | None = 10.0,
         reference_model: str | None = None, kl_coef: float = 0.05, kl_estimator: Literal["k1", "k2", "k3"] = "k1",
         kl_in_reward: bool = True, kl_target: float | None = None, kl_horizon: int = 10_000,
@@ -108,21 +115,59 @@ class PPO(RLHFModule):
         self.critic: torch.nn.Module | None = None
         self.rollout: Rollout | None = None
         self.policy_version, self.synced_version = 0, 0
+        self.rollout_retries = 0  # steps retried after a rollout worker restarted (rollout.max_restarts)
         self.kl_controller = (adv.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if kl_target
                               else adv.FixedKLController(kl_coef))
-        self.reward_fns = [(spec, load_reward_fn(spec)) for spec in reward_functions or []]
+        # Option checks (ConfigError naming the option), cheapest first; cross-object ones are in check_config.
+        for name, value, valid, requirement in (
+            ("n_samples_per_prompt", n_samples_per_prompt, n_samples_per_prompt >= 1, ">= 1"),
+            ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+            ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
+            ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+            ("top_k", top_k, top_k >= 0, ">= 0 (0 = off)"),
+            ("remote_reward_timeout", remote_reward_timeout, remote_reward_timeout > 0, "> 0 seconds"),
+            ("reward_clip", reward_clip, reward_clip is None or reward_clip > 0, "> 0, or null for no clipping"),
+            ("kl_coef", kl_coef, kl_coef >= 0, ">= 0"),
+            ("kl_target", kl_target, kl_target is None or kl_target > 0, "> 0, or null for a fixed kl_coef"),
+            ("kl_horizon", kl_horizon, kl_horizon >= 1, ">= 1"),
+            ("critic_learning_rate", critic_learning_rate, critic_learning_rate is None or critic_learning_rate > 0,
+             "> 0, or null for the optimizer's"),
+            ("gamma", gamma, 0 <= gamma <= 1, "in [0, 1]"),
+            ("lam", lam, 0 <= lam <= 1, "in [0, 1]"),
+            ("ppo_epochs", ppo_epochs, ppo_epochs >= 1, ">= 1"),
+            ("mini_batch_size", mini_batch_size, mini_batch_size is None or mini_batch_size >= 1,
+             ">= 1, or null for the whole rollout"),
+            ("micro_batch_size", micro_batch_size, micro_batch_size >= 1, ">= 1"),
+            ("clip_low", clip_low, 0 < clip_low < 1, "in (0, 1)"),
+            ("clip_high", clip_high, clip_high > 0, "> 0"),
+            ("dual_clip", dual_clip, dual_clip is None or dual_clip > 1, "> 1, or null for off"),
+            ("value_clip", value_clip, value_clip is None or value_clip > 0, "> 0, or null for off"),
+            ("value_loss_coef", value_loss_coef, value_loss_coef >= 0, ">= 0"),
+            ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0, "> 0, or null for off"),
+        ):
+            require(valid, name, value, requirement)
+        if advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_baseline") and n_samples_per_prompt < 2:
+            raise ConfigError(f"model.init_args.advantage_estimator={advantage_estimator} compares the samples of "
+                              f"one prompt: set model.init_args.n_samples_per_prompt >= 2 (got "
+                              f"{n_samples_per_prompt}).")
+        with option_errors(model_option("reward_functions"), OSError, ImportError, AttributeError, ValueError,
+                           SyntaxError):
+            self.reward_fns = [(spec, load_reward_fn(spec)) for spec in reward_functions or []]
         if remote_reward_url:
-            self.reward_fns.append((remote_reward_url, RemoteReward(remote_reward_url, remote_reward_timeout)))
+            with option_errors(model_option("remote_reward_url"), ValueError):
+                self.reward_fns.append((remote_reward_url, RemoteReward(
+                    remote_reward_url, remote_reward_timeout, remote_reward_retries, remote_reward_batch_size,
+                    remote_reward_max_concurrency)))
         sources = len(reward_models or []) + len(self.reward_fns)
         if sources == 0:
-            raise ValueError("PPO needs a reward: set model.init_args.reward_models, reward_functions or "
-                             "remote_reward_url.")
+            raise ConfigError("PPO needs a reward: set model.init_args.reward_models, model.init_args.reward_functions "
+                              "or model.init_args.remote_reward_url.")
         if reward_weights is not None and len(reward_weights) != sources:
-            raise ValueError(f"reward_weights has {len(reward_weights)} entries for {sources} reward sources.")
-        if advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_baseline") and n_samples_per_prompt < 2:
-            raise ValueError(f"advantage_estimator={advantage_estimator} compares samples of one prompt: set "
-                             f"n_samples_per_prompt >= 2 (got {n_samples_per_prompt}).")
+            raise ConfigError(f"model.init_args.reward_weights has {len(reward_weights)} entries for {sources} reward "
+                              f"sources: give one weight per source, in the order reward_models, reward_functions, "
+                              f"remote_reward_url.")
         self.last_samples: list[dict[str, Any]] = []  # read by rlhf_lightning.callbacks.SampleTable
+        self.reward_source_names = source_names(reward_models or [], reward_functions or [], remote_reward_url)
 
     @property
     def uses_critic(self) -> bool:
@@ -147,6 +192,22 @@ class PPO(RLHFModule):
         return single_update and not self.uses_reference
 
     # ------------------------------------------------------------------------------------------- set-up
+    def check_config(self, datamodule: LightningDataModule | None) -> None:
+        """Batch sizes against the rollout (``data.init_args.batch_size`` × ``n_samples_per_prompt`` sequences per
+        device): a micro- or mini-batch larger than the rollout cannot be filled, which is a typo, not a setting."""
+        super().check_config(datamodule)
+        batch_size = datamodule.hparams.get("batch_size") if datamodule is not None else None
+        if not batch_size:
+            return
+        hp = self.hparams
+        rollout = batch_size * hp.n_samples_per_prompt
+        for name in ("micro_batch_size", "mini_batch_size"):
+            if (hp[name] or 0) > rollout:
+                raise ConfigError(
+                    f"{model_option(name)}={hp[name]} is larger than the rollout: data.init_args.batch_size "
+                    f"({batch_size}) × model.init_args.n_samples_per_prompt ({hp.n_samples_per_prompt}) = {rollout} "
+                    f"sequences per device. Set {model_option(name)} <= {rollout}.")
+
     def configure_model(self) -> None:
         super().configure_model()
         hp = self.hparams
@@ -158,8 +219,11 @@ class PPO(RLHFModule):
         if stage != "fit" or self.rollout is not None:
             return
         hp, config = self.hparams, self.rollout_config
+        random_init = bool(hp.get("random_init")) or hp.model == TINY_PRESET
         kwargs = {"dtype": hp.dtype, "attn_implementation": hp.attn_implementation,
-                  "trust_remote_code": hp.trust_remote_code}
+                  "trust_remote_code": hp.trust_remote_code, "random_init": random_init}
+        if random_init:  # the workers' random weights are not the policy's: push the policy before the first rollout
+            self.synced_version = -1
         if config.backend == "local":
             kwargs["device"] = str(self.trainer.strategy.root_device.type)
         reference = (hp.reference_model or hp.model) if self.uses_reference else None
@@ -207,16 +271,45 @@ class PPO(RLHFModule):
             return
         local = self.rollout_config.backend == "local"
         state = gather_state_dict(self.model, self.global_rank, all_ranks=local)
-        if local or self.global_rank == 0:
-            self.rollout.push_weights(state, self.policy_version)
-        self.trainer.strategy.barrier("weights pushed")
+        self.on_all_ranks(lambda: self.rollout.push_weights(state, self.policy_version)
+                          if local or self.global_rank == 0 else None)  # also the barrier after the push
         self.synced_version = self.policy_version
+
+    def on_all_ranks(self, call: Any) -> Any:
+        """Run a rollout ``call`` on this rank; if a rollout worker failed on any rank, raise on every rank.
+
+        A Ray actor that dies may be seen by one rank only (e.g. rank 0 alone pushes weights). The failure flag is
+        all-reduced (which also synchronises the ranks, like a barrier), so all of them stop at the same point
+        instead of some waiting forever in the next collective (a ZeRO-3 forward, a checkpoint save)."""
+        try:
+            result, failure = call(), None
+        except RolloutWorkerError as err:
+            result, failure = None, err
+        if self.trainer.world_size > 1:
+            if self.trainer.strategy.reduce_boolean_decision(failure is not None, all=False) and failure is None:
+                failure = RolloutWorkerError("A rollout worker failed on another trainer rank (its log names it).")
+        if failure is not None:
+            raise failure
+        return result
 
     def sampling_seed(self) -> int:
         """Seed of this step's sampling: a function of the run's seed (``seed_everything``), the policy version and
         the rank, so a resumed run draws the samples the uninterrupted run would have drawn."""
         base = int(os.environ.get("PL_GLOBAL_SEED", 0))
         return ((base * 1_000_003 + self.policy_version) * 1_009 + self.global_rank * 101) % 2**31
+
+    def generate(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """Sample ``n_samples_per_prompt`` responses per prompt with the current policy's weights; a worker that
+        answers with other weights (e.g. restarted by Ray since the last push) is a :class:`RolloutWorkerError`."""
+        hp, tok = self.hparams, self.tokenizer
+        responses, versions = self.rollout.generate(
+            prompt_ids, n=hp.n_samples_per_prompt, max_new_tokens=hp.max_new_tokens, temperature=hp.temperature,
+            top_p=hp.top_p, top_k=hp.top_k, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+            generation_kwargs=hp.generation_kwargs, seed=self.sampling_seed())
+        if any(v != self.policy_version for v in versions):
+            raise RolloutWorkerError(f"Rollout used weight versions {versions}, policy is at {self.policy_version} "
+                                     f"(a generation worker restarted since the last weight push?).")
+        return responses
 
     def values_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Critic values (N, L); position t is the value of the state that predicts token t + 1."""
@@ -228,12 +321,7 @@ class PPO(RLHFModule):
         hp, tok = self.hparams, self.tokenizer
         started = time.perf_counter()
         self.sync_weights()
-        responses, versions = self.rollout.generate(
-            batch["prompt_ids"], n=hp.n_samples_per_prompt, max_new_tokens=hp.max_new_tokens,
-            temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k, eos_token_ids=[tok.eos_token_id],
-            pad_token_id=tok.pad_token_id, generation_kwargs=hp.generation_kwargs, seed=self.sampling_seed())
-        if any(v != self.policy_version for v in versions):
-            raise RuntimeError(f"Rollout used weight versions {versions}, policy is at {self.policy_version}.")
+        responses = self.on_all_ranks(lambda: self.generate(batch["prompt_ids"]))
         generated = time.perf_counter()
         n = hp.n_samples_per_prompt
         prompts = [p for p in batch["prompt_ids"] for _ in range(n)]
@@ -261,7 +349,7 @@ class PPO(RLHFModule):
             if self.critic is not None:
                 values.append(self.values_of(input_ids[sl], attention_mask[sl]) * mask[sl])
         old_logps = torch.cat(old_logps) if old_logps else None
-        results = dict(zip(handles, self.rollout.wait(list(handles.values())), strict=True))
+        results = dict(zip(handles, self.on_all_ranks(lambda: self.rollout.wait(list(handles.values()))), strict=True))
         scored = time.perf_counter()
 
         model_scores = [results[g] for g in self.rollout.reward_groups]
@@ -281,7 +369,7 @@ class PPO(RLHFModule):
                              for p, r, s in zip(prompt_texts, texts, scores.tolist(), strict=True)]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "mask": mask,
                 "old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages, "returns": returns,
-                "values": torch.cat(values) if values else None, "scores": scores, "kl": kl,
+                "values": torch.cat(values) if values else None, "scores": scores, "kl": kl, "source_scores": sources,
                 "generate_s": generated - started, "score_s": scored - generated}
 
     def estimate_advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
@@ -311,22 +399,71 @@ class PPO(RLHFModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         started = time.perf_counter()
-        exp = self.make_experience(batch)
+        exp = self.make_experience_or_recover(batch)
         trained = time.perf_counter()
         stats = self.train_on_experience(exp)
         self.policy_version += 1
-        mean_kl = float(exp["kl"].sum(-1).mean())  # per-sequence KL to the reference
-        self.kl_controller.update(mean_kl, n_steps=len(exp["scores"]))
+        mean_kl, samples = self.global_kl(exp["kl"])
+        self.kl_controller.update(mean_kl, n_steps=samples)
         done = time.perf_counter()
         lengths = exp["mask"].sum(-1).float()
+        per_source = dict(zip(self.reward_source_names, exp["source_scores"].mean(-1), strict=True))
         self.log_dict({
             "train/reward": exp["scores"].mean(), "train/reward_std": exp["scores"].std(),
+            "train/rollout_retries": float(self.rollout_retries),
+            **{f"train/reward/{name}": value for name, value in per_source.items()},
             "train/kl": mean_kl, "train/kl_coef": self.kl_controller.value, "train/policy_version": self.policy_version,
             "train/response_length": lengths.mean(), **{f"train/{k}": v for k, v in stats.items()},
             "time/generate_s": exp["generate_s"], "time/score_s": exp["score_s"], "time/train_s": done - trained,
             "train/samples_per_sec": len(exp["scores"]) / (done - started),
         }, prog_bar=False)
         self.log("train/reward_mean", exp["scores"].mean(), prog_bar=True)
+
+    def make_experience_or_recover(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """:meth:`make_experience`, surviving up to ``rollout.max_restarts`` worker failures in this step: once Ray
+        has restarted the dead worker, the current weights are pushed again and the step's rollout is retried.
+        Otherwise (or if the worker stays dead) every rank saves a checkpoint and the run stops, naming the worker.
+        """
+        for attempt in range(self.rollout_config.max_restarts + 1):
+            try:
+                return self.make_experience(batch)
+            except RolloutWorkerError as err:
+                failure = err
+            if attempt == self.rollout_config.max_restarts:
+                break
+            try:
+                self.on_all_ranks(self.rollout.recover)
+            except RolloutWorkerError as err:
+                failure = err
+                break
+            rank_zero_warn(f"{failure} The worker is back: pushing the weights again and retrying the step.")
+            self.synced_version = -1  # a restarted generation worker holds its initial weights
+            self.rollout_retries += 1
+        raise RolloutWorkerError(f"{failure} Stopping the run; {self.save_failure_checkpoint()}") from failure
+
+    def global_kl(self, kl: torch.Tensor) -> tuple[float, int]:
+        """Mean per-sequence KL to the reference and the number of sequences, over all ranks.
+
+        The adaptive controller must see the same numbers on every rank: updated from each rank's own KL, β would
+        drift apart across ranks (and a checkpoint would keep rank 0's)."""
+        totals = torch.tensor([float(kl.sum()), float(kl.shape[0])], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        return float(totals[0] / totals[1].clamp(min=1)), int(totals[1])
+
+    def save_failure_checkpoint(self) -> str:
+        """Save a checkpoint of the state before this step (called on every rank when a rollout worker fails) and
+        say where it is; the optimizer has not stepped in this step, so resuming from it loses no update."""
+        trainer = self.trainer
+        callback = trainer.checkpoint_callback
+        directory = (callback.dirpath if callback is not None and callback.dirpath else
+                     os.path.join(trainer.default_root_dir, "checkpoints"))
+        path = os.path.join(directory, f"rollout-failure-step{trainer.global_step}.ckpt")
+        try:
+            trainer.save_checkpoint(path)
+        except Exception as err:  # noqa: BLE001 -- the rollout failure is the error to report
+            return f"saving a checkpoint failed too ({type(err).__name__}: {err})."
+        return f"checkpoint saved to {path} (resume with --ckpt_path {path})."
 
     def train_on_experience(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
         hp = self.hparams

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from rlhf_lightning.algorithms.base import require
 from rlhf_lightning.algorithms.preference import PreferenceModule, split_pairs
 from rlhf_lightning.losses import pairwise_logexp_loss, pairwise_sigmoid_loss
 
@@ -53,6 +54,7 @@ class RewardModel(PreferenceModule):
     def __init__(self, *args: Any, loss: Literal["sigmoid", "logexp"] = "sigmoid", use_margin: bool = True,
                  reward_stats_samples: int = 10_000, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        require(reward_stats_samples >= 1, "reward_stats_samples", reward_stats_samples, ">= 1")
 
     def configure_model(self) -> None:
         if self.model is None:

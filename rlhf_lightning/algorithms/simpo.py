@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from rlhf_lightning.algorithms.base import require
 from rlhf_lightning.algorithms.preference import PreferenceModule, sequence_logps, split_pairs
 from rlhf_lightning.losses import simpo_loss
 
@@ -26,6 +27,9 @@ class SimPO(PreferenceModule):
     def __init__(self, *args: Any, beta: float = 2.0, gamma: float = 1.0, nll_weight: float = 0.0,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        require(beta > 0, "beta", beta, "> 0")
+        require(gamma >= 0, "gamma", gamma, ">= 0")
+        require(nll_weight >= 0, "nll_weight", nll_weight, ">= 0")
 
     def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy = sequence_logps(self.model, batch)

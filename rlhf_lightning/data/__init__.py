@@ -1,7 +1,9 @@
 """Datasets, collators and LightningDataModules."""
 
+from rlhf_lightning.data.base import BaseDataModule
 from rlhf_lightning.data.preference import PreferenceDataModule, UnpairedPreferenceDataModule
 from rlhf_lightning.data.prompts import PromptDataModule
 from rlhf_lightning.data.sft import SFTDataModule
 
-__all__ = ["PreferenceDataModule", "PromptDataModule", "SFTDataModule", "UnpairedPreferenceDataModule"]
+__all__ = ["BaseDataModule", "PreferenceDataModule", "PromptDataModule", "SFTDataModule",
+           "UnpairedPreferenceDataModule"]

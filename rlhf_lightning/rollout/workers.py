@@ -6,6 +6,7 @@ Plain classes, so the same code runs in-process (``local`` backend) or as Ray ac
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -21,15 +22,22 @@ class ModelWorker:
     score_head = False
 
     def __init__(self, model: str, dtype: str = "float32", attn_implementation: str | None = None,
-                 trust_remote_code: bool = False, device: str | None = None, seed: int = 0) -> None:
+                 trust_remote_code: bool = False, device: str | None = None, seed: int = 0,
+                 random_init: bool = False) -> None:
         torch.manual_seed(seed)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_causal_lm(model, dtype=dtype, attn_implementation=attn_implementation,
-                                    trust_remote_code=trust_remote_code, score_head=self.score_head)
+                                    trust_remote_code=trust_remote_code, score_head=self.score_head,
+                                    random_init=random_init and not self.score_head)
         self.model.to(self.device).eval().requires_grad_(False)
 
     def ready(self) -> bool:
+        """Answers once the model is loaded (the trainer waits on it, with a timeout, before the first step)."""
         return True
+
+    def pid(self) -> int:
+        """The worker's process id (on Ray, the actor's process: tests kill it to check the run stops cleanly)."""
+        return os.getpid()
 
 
 class GenerationWorker(ModelWorker):

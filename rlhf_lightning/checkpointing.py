@@ -77,6 +77,18 @@ def swap_into_place(tmp: str | Path, final: str | Path) -> None:
     remove_path(old)
 
 
+def save_named_checkpoint(trainer: pl.Trainer, name: str) -> Path:
+    """Save a checkpoint called ``name`` next to the run's other checkpoints (the ``ModelCheckpoint`` directory,
+    else ``<default_root_dir>/checkpoints``) and return its path; call on every rank (DeepSpeed writes shards).
+    Used when a run has to stop (divergence, a dead rollout worker) and must leave something to resume from."""
+    callback = trainer.checkpoint_callback
+    directory = Path(callback.dirpath) if callback is not None and callback.dirpath else (
+        Path(trainer.default_root_dir) / "checkpoints")
+    path = directory / name
+    trainer.save_checkpoint(path)
+    return path
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary sibling, ``fsync``, then rename over the old checkpoint.
 

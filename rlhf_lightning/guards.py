@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from rlhf_lightning.checkpointing import save_named_checkpoint
 from rlhf_lightning.errors import UserError
 
 SPIKE_WINDOW = 100  # recent losses whose median a spike is measured against
@@ -153,11 +153,7 @@ class DivergenceGuard(Callback):
         self.losses.append(loss)
 
     def _stop_nonfinite(self, trainer: pl.Trainer) -> None:
-        callback = trainer.checkpoint_callback
-        directory = Path(callback.dirpath) if callback is not None and callback.dirpath else (
-            Path(trainer.default_root_dir) / "checkpoints")
-        path = directory / f"diverged-step={trainer.global_step}.ckpt"
-        trainer.save_checkpoint(path)  # every rank: DeepSpeed writes shards; weights are the last good step's
+        path = save_named_checkpoint(trainer, f"diverged-step={trainer.global_step}.ckpt")  # the last good weights
         raise TrainingDivergedError(
             f"Training stopped at step {trainer.global_step}: {self.streak} optimizer steps in a row had a non-finite "
             f"loss or gradient (limit model.init_args.max_nonfinite_steps={self.max_nonfinite_steps}); they were "

@@ -31,6 +31,7 @@ from rlhf_lightning import advantages as adv
 from rlhf_lightning.algorithms.base import RLHFModule, model_option, option_errors, require
 from rlhf_lightning.algorithms.reward_model import score_head
 from rlhf_lightning.callbacks import gather_state_dict
+from rlhf_lightning.checkpointing import save_named_checkpoint
 from rlhf_lightning.data.collate import IGNORE_INDEX, pad_sequences
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.losses import aggregate, entropy_from_logits, policy_loss, shift_labels, token_log_probs, value_loss
@@ -454,13 +455,8 @@ class PPO(RLHFModule):
     def save_failure_checkpoint(self) -> str:
         """Save a checkpoint of the state before this step (called on every rank when a rollout worker fails) and
         say where it is; the optimizer has not stepped in this step, so resuming from it loses no update."""
-        trainer = self.trainer
-        callback = trainer.checkpoint_callback
-        directory = (callback.dirpath if callback is not None and callback.dirpath else
-                     os.path.join(trainer.default_root_dir, "checkpoints"))
-        path = os.path.join(directory, f"rollout-failure-step{trainer.global_step}.ckpt")
         try:
-            trainer.save_checkpoint(path)
+            path = save_named_checkpoint(self.trainer, f"rollout-failure-step{self.trainer.global_step}.ckpt")
         except Exception as err:  # noqa: BLE001 -- the rollout failure is the error to report
             return f"saving a checkpoint failed too ({type(err).__name__}: {err})."
         return f"checkpoint saved to {path} (resume with --ckpt_path {path})."

@@ -1,5 +1,8 @@
 """Entry point: ``python -m rlhf_lightning fit --config configs/tiny/sft.yaml`` (or the ``rlhf-lightning`` script).
 
+``fit``/``validate``/``test``/``predict`` go to LightningCLI (:class:`~rlhf_lightning.cli.RLHFCLI`); the commands in
+:data:`COMMANDS` (``chat``, ``evaluate``, ``rejection-sampling``) are plain programs with their own ``--help``.
+
 A user mistake (:class:`~rlhf_lightning.errors.UserError`: a bad path, column, option or combination) ends the run
 with one line, ``error: <message>``, on stderr and exit status 2; any other exception is a bug and keeps its full
 traceback. ``--verbose`` (anywhere on the command line) or ``RLHF_VERBOSE=1`` shows tracebacks for user errors too.
@@ -35,9 +38,31 @@ def take_verbose_flag(args: list[str]) -> list[str]:
     return [arg for arg in args if arg != "--verbose"]
 
 
-def main(args: list[str] | None = None) -> RLHFCLI:
+# Commands that are not Lightning subcommands: name -> module whose ``main(argv)`` runs it.
+COMMANDS = {"chat": "rlhf_lightning.chat", "evaluate": "rlhf_lightning.evaluation",
+            "rejection-sampling": "rlhf_lightning.rejection_sampling"}
+
+
+def run_command(name: str, args: list[str]) -> None:
+    """Run one of :data:`COMMANDS` with the same error convention as the Lightning subcommands."""
+    import importlib
+
+    try:
+        importlib.import_module(COMMANDS[name]).main(args)
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None or verbose():
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(args: list[str] | None = None) -> RLHFCLI | None:
     """Run the CLI; ``args`` replaces ``sys.argv[1:]`` so tests can call it in-process. A user error raises
     ``SystemExit(2)`` after printing its one-line message."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in COMMANDS:
+        return run_command(argv[0], take_verbose_flag(argv[1:]))
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = take_verbose_flag(sys.argv[1:])
     else:

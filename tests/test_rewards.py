@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.rollout.rewards import RemoteReward, backoff_delay, source_names, unique_names
@@ -137,3 +138,14 @@ def test_source_names():
                         "http://rewards.example:8000/score") == ["tiny-rm", "helpful-rm", "helpful-rm_1", "even",
                                                                   "fmt", "rewards.example"]
     assert unique_names(["a", "a", "b", "a"]) == ["a", "a_1", "b", "a_2"]
+
+
+def test_combine_rewards_is_the_clipped_weighted_sum_of_sources():
+    from rlhf_lightning.rollout.rewards import combine_rewards
+
+    sources = torch.tensor([[1.0, -2.0, 30.0], [0.5, 0.5, 0.5]])  # (sources, responses)
+    assert combine_rewards(sources).tolist() == [1.5, -1.5, 30.5]
+    assert combine_rewards(sources, [2.0, -1.0]).tolist() == [1.5, -4.5, 59.5]
+    assert combine_rewards(sources, [2.0, -1.0], clip=10.0).tolist() == [1.5, -4.5, 10.0]
+    with pytest.raises(ValueError, match="3 reward weights for 2 reward sources"):
+        combine_rewards(sources, [1.0, 1.0, 1.0])

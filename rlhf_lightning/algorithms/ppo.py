@@ -37,7 +37,13 @@ from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.losses import aggregate, entropy_from_logits, policy_loss, shift_labels, token_log_probs, value_loss
 from rlhf_lightning.models import TINY_PRESET
 from rlhf_lightning.rollout.engine import Rollout, RolloutConfig, RolloutWorkerError
-from rlhf_lightning.rollout.rewards import RemoteReward, checked_scores, load_reward_fn, source_names
+from rlhf_lightning.rollout.rewards import (
+    RemoteReward,
+    checked_scores,
+    combine_rewards,
+    load_reward_fn,
+    source_names,
+)
 from rlhf_lightning.strategies import DeepSpeedStrategy
 
 Estimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_baseline"]
@@ -355,10 +361,7 @@ class PPO(RLHFModule):
 
         model_scores = [results[g] for g in self.rollout.reward_groups]
         sources = torch.stack([s.float() for s in model_scores + rule_scores]).to(self.device)  # (sources, N)
-        weights = torch.tensor(hp.reward_weights or [1.0] * len(sources), device=self.device)
-        scores = (weights[:, None] * sources).sum(0)
-        if hp.reward_clip is not None:
-            scores = scores.clamp(-hp.reward_clip, hp.reward_clip)
+        scores = combine_rewards(sources, hp.reward_weights, hp.reward_clip)
         if "reference" in results:
             ref_logps = results["reference"].to(self.device)
             kl = adv.kl_penalty(old_logps, ref_logps, hp.kl_estimator) * mask

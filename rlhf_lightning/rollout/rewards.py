@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from rlhf_lightning.errors import ConfigError
 
 RewardFn = Callable[[list[str], list[str], list[str | None]], Sequence[float]]
@@ -181,6 +183,22 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     """Seconds to wait before retry ``attempt + 1``: exponential in the attempt, capped at ``cap``, with "equal
     jitter" (a uniform draw from the upper half), so many clients retrying together spread out."""
     return min(cap, base * 2**attempt) * rng.uniform(0.5, 1.0)
+
+
+def combine_rewards(source_scores: torch.Tensor, weights: Sequence[float] | None = None,
+                    clip: float | None = None) -> torch.Tensor:
+    """The reward of each response from every source's scores: ``clip(sum_s w_s * score_s)``.
+
+    ``source_scores`` is (sources, N) in the order reward models, functions, remote server (as
+    :func:`source_names`); ``weights`` default to 1 each; ``clip`` bounds the sum to [-clip, clip] (``None``: not
+    clipped). PPO's rollouts, batch scoring and evaluation all combine rewards here, so a score means the same
+    thing in each."""
+    weights = torch.tensor(list(weights) if weights is not None else [1.0] * len(source_scores),
+                           dtype=source_scores.dtype, device=source_scores.device)
+    if len(weights) != len(source_scores):
+        raise ValueError(f"{len(weights)} reward weights for {len(source_scores)} reward sources.")
+    combined = (weights[:, None] * source_scores).sum(0)
+    return combined.clamp(-clip, clip) if clip is not None else combined
 
 
 def source_names(reward_models: list[str], reward_functions: list[str], remote_url: str | None) -> list[str]:

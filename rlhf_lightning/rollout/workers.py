@@ -61,7 +61,8 @@ class GenerationWorker(ModelWorker):
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float,
                  top_k: int, eos_token_ids: list[int], pad_token_id: int,
-                 generation_kwargs: dict[str, Any] | None = None, seed: int | None = None) -> dict:
+                 generation_kwargs: dict[str, Any] | None = None, seed: int | None = None,
+                 streamer: Any = None) -> dict:
         """``n`` responses per prompt, grouped by prompt; each ends at (and includes) its first EOS token.
 
         Sampling follows exactly the given options plus ``generation_kwargs`` (any ``GenerationConfig`` field, e.g.
@@ -70,7 +71,10 @@ class GenerationWorker(ModelWorker):
 
         ``seed`` makes the samples a function of the call alone (the trainer derives it from the run's seed and
         the policy version), so a resumed run samples what the uninterrupted one would have, on any backend; the
-        caller's random state is left untouched."""
+        caller's random state is left untouched.
+
+        ``streamer`` (in-process only, e.g. ``transformers.TextIteratorStreamer``) receives tokens as they are
+        generated: the chat command prints them as they come, through this same generation path."""
         prompt_ids = [p for p in prompt_ids for _ in range(n)]  # n rows per prompt (greedy allows no n>1)
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
@@ -87,7 +91,8 @@ class GenerationWorker(ModelWorker):
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(input_ids=input_ids.to(self.device),
-                                      attention_mask=attention_mask.to(self.device), generation_config=config)
+                                      attention_mask=attention_mask.to(self.device), generation_config=config,
+                                      streamer=streamer)
         responses = []
         for row in out[:, width:].tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in eos_token_ids), len(row))

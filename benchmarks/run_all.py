@@ -24,13 +24,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_dpo  # noqa: E402
+import bench_generate  # noqa: E402
 import bench_grpo  # noqa: E402
 import bench_sft  # noqa: E402
 from common import machine, now, versions  # noqa: E402
 
 # benchmark -> (module, unit of its headline metric)
 BENCHMARKS = {"sft": (bench_sft, "tokens_per_s"), "dpo": (bench_dpo, "pairs_per_s"),
-              "grpo": (bench_grpo, "samples_per_s")}
+              "grpo": (bench_grpo, "samples_per_s"),
+              "generate": (bench_generate, "tokens_per_s")}  # its counterpart is a plain transformers loop
 UNIT_LABEL = {"tokens_per_s": "tokens/s", "pairs_per_s": "pairs/s", "samples_per_s": "samples/s"}
 
 

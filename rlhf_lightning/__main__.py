@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from rlhf_lightning.cli import RLHFCLI, verbose
-from rlhf_lightning.errors import UserError
-from rlhf_lightning.strategies import destroy_distributed
+from rlhf_lightning.errors import UserError, verbose
+
+if TYPE_CHECKING:
+    from rlhf_lightning.cli import RLHFCLI
 
 
 def find_user_error(error: BaseException) -> UserError | None:
@@ -63,6 +65,9 @@ def main(args: list[str] | None = None) -> RLHFCLI | None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in COMMANDS:
         return run_command(argv[0], take_verbose_flag(argv[1:]))
+    from rlhf_lightning.cli import RLHFCLI  # here: the other commands start without importing Lightning
+    from rlhf_lightning.strategies import destroy_distributed
+
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = take_verbose_flag(sys.argv[1:])
     else:

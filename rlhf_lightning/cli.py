@@ -27,7 +27,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rlhf_lightning.algorithms import RLHFModule
 from rlhf_lightning.callbacks import HFExport
-from rlhf_lightning.errors import ConfigError, MissingPathError
+from rlhf_lightning.errors import ConfigError, MissingPathError, verbose
+from rlhf_lightning.inference.writer import JsonlPredictionWriter
 
 CKPT_PATH_KEYWORDS = ("best", "hpc")
 
@@ -35,11 +36,6 @@ CKPT_PATH_KEYWORDS = ("best", "hpc")
 def tokenizer_of(model: str, tokenizer: str | None) -> str:
     """The tokenizer a model uses: its own ``tokenizer`` option, else the model path."""
     return tokenizer or model
-
-
-def verbose() -> bool:
-    """Full tracebacks and parser messages for user errors too (``RLHF_VERBOSE=1`` or ``--verbose``)."""
-    return os.environ.get("RLHF_VERBOSE", "") not in ("", "0")
 
 
 # jsonargparse's report of a subclass option that fails to parse wraps the one useful line in a Union report.
@@ -158,7 +154,8 @@ class RLHFCLI(LightningCLI):
                               compute_fn=tokenizer_of)
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit: let a new run write into non-empty HFExport / ModelCheckpoint directories "
-                                 "(otherwise an error, unless resuming with --ckpt_path).")
+                                 "(otherwise an error, unless resuming with --ckpt_path); predict: start the "
+                                 "output file over instead of resuming it.")
 
     # ------------------------------------------------------------------------------------------ pre-flight
     def preflight(self, stage: str) -> None:
@@ -166,13 +163,12 @@ class RLHFCLI(LightningCLI):
         config = self.config[self.subcommand]
         ckpt_path = config.get("ckpt_path")
         check_ckpt_path(ckpt_path, self.trainer)
-        if stage == "fit" and not ckpt_path:
-            if config.get("overwrite"):
-                for callback in self.trainer.callbacks:
-                    if isinstance(callback, HFExport):
-                        callback.overwrite = True
-            else:
-                check_output_dirs(self.trainer)
+        if config.get("overwrite"):
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, HFExport | JsonlPredictionWriter):
+                    callback.overwrite = True
+        elif stage == "fit" and not ckpt_path:
+            check_output_dirs(self.trainer)
         if isinstance(self.model, RLHFModule):
             self.model.check_config(self.datamodule)
         if self.datamodule is not None:

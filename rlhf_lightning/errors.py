@@ -10,6 +10,8 @@ so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
+import os
+
 
 class UserError(Exception):
     """Base of every error the user can fix; its message is the whole report."""
@@ -25,3 +27,8 @@ class DataError(UserError, ValueError):
 
 class MissingPathError(UserError, FileNotFoundError):
     """A path named by an option does not exist (or lacks what it must hold, e.g. model weights)."""
+
+
+def verbose() -> bool:
+    """Full tracebacks and parser messages for user errors too (``RLHF_VERBOSE=1`` or ``--verbose``)."""
+    return os.environ.get("RLHF_VERBOSE", "") not in ("", "0")

@@ -9,6 +9,7 @@ so a 70B model is partitioned while it is built instead of materialised on every
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,48 @@ def check_model_path(name_or_path: str, option: str = "model.init_args.model", r
             f"on purpose."
         )
     return path
+
+
+SCORE_HEAD_WEIGHTS = ("score.weight", "classifier.weight", "v_head.weight")
+
+
+def weight_names(path: str) -> list[str] | None:
+    """Names of the tensors saved in a local model directory, read from the safetensors headers or index (no weights
+    are loaded); ``None`` when they cannot be listed (``.bin`` only, or not a local directory)."""
+    directory = Path(path)
+    index = next(iter(directory.glob("*.safetensors.index.json")), None) if directory.is_dir() else None
+    if index is not None:
+        return list(json.loads(index.read_text()).get("weight_map", {}))
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            names += list(handle.keys())
+    return names
+
+
+def has_score_head(name_or_path: str) -> bool | None:
+    """Whether a saved model is a scalar-output (reward / value) model rather than a causal LM, without loading it:
+    True when its config names a ``*ForSequenceClassification`` architecture or its weights include a score head
+    (``score.weight``...), False when neither does, ``None`` when it cannot tell (a hub id not in the local cache).
+
+    Loading a causal LM (e.g. the SFT export) as a reward model silently adds a randomly initialised head whose
+    scores mean nothing, so scoring refuses such a path up front."""
+    path = Path(resolve_model_path(name_or_path))
+    if not path.is_dir():
+        return None
+    config = path / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    if any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures):
+        return True
+    names = weight_names(str(path))
+    if names is not None:
+        return any(name.split(".", 1)[-1] in SCORE_HEAD_WEIGHTS or name in SCORE_HEAD_WEIGHTS for name in names)
+    return False if architectures else None
 
 
 def to_dtype(dtype: str) -> torch.dtype:

@@ -1,5 +1,6 @@
 """Every config parses; the CLI's subcommands, help and loggers work."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -16,13 +17,20 @@ def test_there_are_real_and_tiny_configs():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
 def test_config_parses_and_starts_with_its_command(config: Path, capsys):
+    """Every config names the command that runs it on its first line, and that command parses it."""
+    from rlhf_lightning.__main__ import COMMANDS
+
     first_line = config.read_text().splitlines()[0]
-    assert first_line.startswith("# python -m rlhf_lightning fit --config configs/"), first_line
-    assert config.relative_to(REPO).as_posix() in first_line
+    match = re.fullmatch(r"# python -m rlhf_lightning (\S+) --config (\S+)( .*)?", first_line)
+    assert match, first_line
+    command, path = match.group(1), match.group(2)
+    assert command in ("fit", "predict", *COMMANDS), first_line
+    assert path == config.relative_to(REPO).as_posix(), first_line
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(["fit", "--config", str(config), "--print_config"])
+        run_cli([command, "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
-    assert "class_path: rlhf_lightning" in capsys.readouterr().out
+    if command in ("fit", "predict"):
+        assert "class_path: rlhf_lightning" in capsys.readouterr().out
 
 
 def test_help_lists_model_options(capsys):

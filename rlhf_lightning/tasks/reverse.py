@@ -138,34 +138,31 @@ def evaluate(model_dir: str | Path, heldout: str | Path, reward_model: str | Pat
              max_new_tokens: int = 20) -> dict[str, float]:
     """Greedy answers of an exported model to the held-out prompts (chat template, as in training): exact-match
     ``accuracy`` (= the mean rule reward), mean ``letter_accuracy`` and, given a ``reward_model`` export, its mean
-    normalised score ``reward_model_score`` (what PPO maximises)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    normalised score ``reward_model_score`` (what PPO maximises). Generation and scoring are the ``evaluate``
+    command's (:mod:`rlhf_lightning.eval_steps`), all prompts in one batch."""
+    from rlhf_lightning.eval_steps import PromptSet, Sampling, encode_prompts, generate_texts, load_prompt_records
+    from rlhf_lightning.models import load_tokenizer
+    from rlhf_lightning.rollout.workers import GenerationWorker
 
-    from rlhf_lightning.models import greedy_answers
-
-    rows = [json.loads(line) for line in Path(heldout).read_text().splitlines() if line.strip()]
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prompts, labels = [r["prompt"] for r in rows], [r["answer"] for r in rows]
-    answers = greedy_answers(model, AutoTokenizer.from_pretrained(model_dir), prompts, max_new_tokens)
+    prompt_set = PromptSet(path=str(heldout), label_key="answer")
+    records = load_prompt_records(prompt_set)
+    tokenizer = load_tokenizer(str(model_dir))
+    prompt_ids, prompts = encode_prompts(records, tokenizer, prompt_set)
+    worker = GenerationWorker(str(model_dir), device="cpu")
+    answers = [a[0] for a in generate_texts(worker, tokenizer, prompt_ids, Sampling(max_new_tokens), batch_size=0)]
+    labels = [r["label"] for r in records]
     exact, letters = exact_match(prompts, answers, labels), letter_accuracy(prompts, answers, labels)
-    result = {"accuracy": sum(exact) / len(rows), "letter_accuracy": sum(letters) / len(rows)}
+    result = {"accuracy": sum(exact) / len(records), "letter_accuracy": sum(letters) / len(records)}
     if reward_model is not None:
-        result["reward_model_score"] = sum(reward_model_scores(reward_model, prompts, answers)) / len(rows)
+        result["reward_model_score"] = sum(reward_model_scores(reward_model, prompts, answers)) / len(records)
     return result
 
 
 def reward_model_scores(reward_model: str | Path, prompts: list[str], responses: list[str]) -> list[float]:
     """Normalised scores of a ``RewardModel`` export for prompt/response pairs, tokenized as in PPO's rollouts."""
-    from rlhf_lightning.data.collate import pad_sequences
-    from rlhf_lightning.data.formatting import encode_prompt_response
-    from rlhf_lightning.models import load_tokenizer
-    from rlhf_lightning.rollout.workers import RewardModelWorker
+    from rlhf_lightning.eval_steps import RewardModelScorer
 
-    tokenizer, worker = load_tokenizer(str(reward_model)), RewardModelWorker(str(reward_model), device="cpu")
-    sequences = [sum(encode_prompt_response(tokenizer, p, r), []) for p, r in zip(prompts, responses, strict=True)]
-    input_ids = pad_sequences(sequences, tokenizer.pad_token_id)
-    attention_mask = pad_sequences([[1] * len(s) for s in sequences], 0)
-    return worker.score(input_ids, attention_mask).tolist()
+    return RewardModelScorer(str(reward_model), device="cpu", batch_size=None)(prompts, responses)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from rlhf_lightning.errors import ConfigError, MissingPathError
+from rlhf_lightning.generation import generate_responses
 
 log = logging.getLogger(__name__)
 
@@ -216,20 +217,15 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
-@torch.no_grad()
 def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                    max_new_tokens: int, synced_gpus: bool = False) -> list[str]:
-    """Greedy answers to single-turn user ``prompts``, rendered with the tokenizer's chat template as in training.
-
-    Pads on the left for generation and restores the tokenizer's padding side afterwards (it is saved with
-    exports). ``synced_gpus`` must be set under ZeRO-3 with several ranks, where every rank has to generate."""
+    """Greedy answers to single-turn user ``prompts``, rendered with the tokenizer's chat template as in training,
+    through the project's one generation path (:func:`~rlhf_lightning.generation.generate_responses`).
+    ``synced_gpus`` must be set under ZeRO-3 with several ranks, where every rank has to generate."""
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
-    finally:
-        tokenizer.padding_side = padding_side
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                         synced_gpus=synced_gpus)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    responses = generate_responses(model, prompt_ids, n=1, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
+                                   top_k=0, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                                   synced_gpus=synced_gpus)
+    return tokenizer.batch_decode(responses, skip_special_tokens=True)

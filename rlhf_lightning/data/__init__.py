@@ -1,10 +1,27 @@
-"""Datasets, collators and LightningDataModules."""
+"""Datasets, collators and LightningDataModules.
 
-from rlhf_lightning.data.base import BaseDataModule
-from rlhf_lightning.data.conditional import ConditionalSFTDataModule
-from rlhf_lightning.data.preference import PreferenceDataModule, UnpairedPreferenceDataModule
-from rlhf_lightning.data.prompts import PromptDataModule
-from rlhf_lightning.data.sft import SFTDataModule
+The DataModules are imported on first use (``rlhf_lightning.data.SFTDataModule``): the formatting helpers in this
+package are also used by commands that never build one (``chat``), which then start without importing Lightning.
+"""
 
-__all__ = ["BaseDataModule", "ConditionalSFTDataModule", "PreferenceDataModule", "PromptDataModule", "SFTDataModule",
-           "UnpairedPreferenceDataModule"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BaseDataModule": "base",
+    "ConditionalSFTDataModule": "conditional",
+    "PreferenceDataModule": "preference",
+    "PromptDataModule": "prompts",
+    "ScoringDataModule": "scoring",
+    "SFTDataModule": "sft",
+    "UnpairedPreferenceDataModule": "preference",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rlhf_lightning.data' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"rlhf_lightning.data.{_EXPORTS[name]}"), name)

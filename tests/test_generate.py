@@ -125,6 +125,33 @@ def test_resume_refuses_other_options_and_overwrite_starts_over(tmp_path, tiny_m
     assert json.loads(out.with_name("out.jsonl.meta.json").read_text())["options"]["temperature"] == 0.5
 
 
+def test_foreign_output_and_changed_prompts_are_refused(tmp_path, tiny_model_dir, prompts, capsys):
+    """Resuming never mixes two runs: an output this command did not write, or prompts that changed at a line
+    already written, stop the run with one line instead of appending to (or silently mixing into) the file."""
+    small = ["--data.init_args.max_samples", "3", "--model.init_args.temperature", "0"]
+    foreign = write_jsonl(tmp_path / "foreign.jsonl", [{"text": "someone else's file"}])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(gen_args(tiny_model_dir, prompts, foreign, *small))
+    assert exit_info.value.code == 2
+    assert "has no foreign.jsonl.meta.json" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert read(foreign) == [{"text": "someone else's file"}]  # left as it was
+
+    out, inputs = tmp_path / "out.jsonl", read(prompts)[:3]
+    mine = write_jsonl(tmp_path / prompts.name, inputs)
+    run_cli(gen_args(tiny_model_dir, mine, out, *small))
+    part = out.with_name(out.name + ".part0")  # as if killed after two rows: the third is still to do
+    rows = read(out)
+    out.unlink()
+    part.write_text("".join(json.dumps({"order": i, "row": row}) + "\n" for i, row in enumerate(rows[:2])))
+    inputs[1]["prompt"] = "reverse: z z z"
+    write_jsonl(mine, inputs)  # the same file, edited at a line already written
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(gen_args(tiny_model_dir, mine, out, *small))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "line 2: the prompt differs" in err and "overwrite true" in err
+
+
 def test_two_devices_write_the_same_rows(tmp_path, tiny_model_dir, prompts, reference):
     out = tmp_path / "ddp.jsonl"
     run_cli_subprocess(gen_args(tiny_model_dir, prompts, out, "--trainer.devices", "2", "--trainer.strategy", "ddp"),

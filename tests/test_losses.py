@@ -57,3 +57,53 @@ def test_float64_inputs_keep_float64_precision_and_half_inputs_are_upcast():
     for half in (torch.float16, torch.bfloat16):
         assert token_log_probs(logits.to(half), labels).dtype == torch.float32
         assert sft_nll(logits.to(half), labels).dtype == torch.float32
+
+
+# ------------------------------------------------------------------------- response-only, chunked log-probs
+def test_selective_log_probs_equal_full_log_softmax_values_and_gradients():
+    from rlhf_lightning.losses import selective_log_probs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    weights = torch.randn(37)  # a non-uniform upstream gradient, as from a DPO loss
+
+    def grads(logps):
+        hidden.grad, head.weight.grad = None, None
+        (weights * logps).sum().backward()
+        return hidden.grad.clone(), head.weight.grad.clone()
+
+    expected = torch.log_softmax(head(hidden) / 0.8, -1).gather(-1, labels[:, None]).squeeze(-1)
+    expected_grads = grads(expected)
+    for chunk_size in (5, 37, 100):  # several chunks (recomputed in backward), exactly one, and more than needed
+        got = selective_log_probs(hidden, head, labels, chunk_size=chunk_size, temperature=0.8)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        for g, e in zip(grads(got), expected_grads, strict=True):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_selective_log_probs_never_hold_the_full_logits():
+    """On a long sequence with a big vocabulary, the head only ever produces (chunk, V) blocks, and what autograd
+    keeps for backward is a small fraction of the (tokens, V) logits that the unchunked computation keeps."""
+    from rlhf_lightning.losses import selective_log_probs
+
+    tokens, vocab, chunk = 2048, 8192, 128
+    head = torch.nn.Linear(32, vocab, bias=False)
+    shapes = []
+    head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    hidden = torch.randn(tokens, 32, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+
+    def saved_elements(chunk_size):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            logps = selective_log_probs(hidden, head, labels, chunk_size=chunk_size)
+        logps.sum().backward()
+        return sum(saved)
+
+    chunked = saved_elements(chunk)
+    assert max(rows for rows, _ in shapes) == chunk and all(v == vocab for _, v in shapes)
+    full = saved_elements(tokens)
+    assert full >= tokens * vocab  # the plain computation keeps (at least) the whole logits tensor
+    assert chunked < tokens * vocab / 50, (chunked, full)

@@ -1,8 +1,11 @@
 """``PreferenceModule``: the shared skeleton of the DPO family (DPO/IPO/cDPO/robust/hinge, KTO, SimPO, ORPO).
 
 A batch stacks each pair's chosen rows then rejected rows (``PreferenceCollator``), so one forward pass scores
-both. Subclasses implement :meth:`PreferenceModule.compute_loss`, returning the loss and a dict of per-pair
-metrics; the base logs them for training and averages them over the whole validation set with torchmetrics.
+both; a packed batch (``packing: true``) holds them as segments of one row in the same order, and
+:func:`~rlhf_lightning.logprobs.sequence_logps` (response positions only through the LM head) returns one value per
+row or segment either way. Subclasses implement :meth:`PreferenceModule.compute_loss`, returning the loss and a
+dict of per-pair metrics; the base logs them for training and averages them over the whole validation set with
+torchmetrics.
 """
 
 from __future__ import annotations
@@ -14,16 +17,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.algorithms.base import RLHFModule
-from rlhf_lightning.losses import IGNORE_INDEX, sequence_log_probs, shift_labels
+from rlhf_lightning.logprobs import count_tokens, sequence_logps
 
-
-def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-row ``sum`` and per-token ``mean`` log-prob of the labelled (response) tokens, and their ``count``."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = shift_labels(batch["labels"])
-    total = sequence_log_probs(logits, labels)
-    count = (labels != IGNORE_INDEX).sum(-1)
-    return {"sum": total, "mean": total / count.clamp(min=1), "count": count}
+__all__ = ["PreferenceModule", "sequence_logps", "split_pairs"]
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +47,7 @@ class PreferenceModule(RLHFModule):
         self.log("train/loss", loss, prog_bar=True)
         for name, value in metrics.items():
             self.log(f"train/{name}", value.float().mean(), prog_bar=name == "accuracy")
-        self.log_throughput(batch["attention_mask"].sum(), batch["index"].shape[0])
+        self.log_throughput(count_tokens(batch), batch["index"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -4,6 +4,11 @@
 
 To try another loss, subclass :class:`SFT` and override :meth:`SFT.compute_loss` (see
 ``examples/custom_sft_loss.py``).
+
+The default loss never builds the full (tokens × vocabulary) logits: the LM head runs on the response positions
+only, in chunks (:func:`rlhf_lightning.logprobs.label_log_probs`), which gives the same value and gradient as
+:func:`~rlhf_lightning.losses.sft_nll` on full logits. A subclass that overrides ``compute_loss`` gets the full
+logits it asks for. Packed batches (``data.init_args.packing``) work on both paths.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import torch
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.algorithms.base import RLHFModule
-from rlhf_lightning.losses import IGNORE_INDEX, sequence_log_probs, sft_nll, shift_labels
+from rlhf_lightning.logprobs import count_tokens, forward_inputs, label_log_probs, num_sequences, sequence_logps
+from rlhf_lightning.losses import IGNORE_INDEX, sft_nll, shift_labels
 
 
 class SFT(RLHFModule):
@@ -27,16 +33,19 @@ class SFT(RLHFModule):
         return sft_nll(logits, labels)
 
     def _common_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = shift_labels(batch["labels"])
-        return self.compute_loss(logits, labels), (labels != IGNORE_INDEX).sum()
+        n_targets = (labels != IGNORE_INDEX).sum()
+        if type(self).compute_loss is SFT.compute_loss:  # the default NLL: response positions only, chunked
+            return -label_log_probs(self.model, batch).sum() / n_targets.clamp(min=1), n_targets
+        logits = self.model(**forward_inputs(batch)).logits
+        return self.compute_loss(logits, labels), n_targets
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n_targets = self._common_step(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
         self.log("train/response_tokens", n_targets.float(), reduce_fx="sum")
-        self.log_throughput(batch["attention_mask"].sum(), batch["input_ids"].shape[0])
+        self.log_throughput(count_tokens(batch), num_sequences(batch))
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -60,5 +69,4 @@ class SFT(RLHFModule):
     @torch.no_grad()
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Per-sample mean NLL of the response tokens (scores a dataset with ``predict``)."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return -sequence_log_probs(logits, shift_labels(batch["labels"]), average=True)
+        return -sequence_logps(self.model, batch)["mean"]

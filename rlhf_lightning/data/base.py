@@ -34,6 +34,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 import rlhf_lightning
 from rlhf_lightning.data import formatting, transcripts
 from rlhf_lightning.data.loaders import build_dataloader
+from rlhf_lightning.data.packing import build_packed_dataloader, check_token_budget, sample_lengths
 from rlhf_lightning.data.sources import load_records, where
 from rlhf_lightning.data.transcripts import BadRow
 from rlhf_lightning.errors import ConfigError, DataError
@@ -119,6 +120,8 @@ class BaseDataModule(pl.LightningDataModule):
 
     unit: str = "samples"
     empty_sample: dict[str, Any] = {}  # the columns ``encode_row`` returns, as filler for a bad row
+    # Tokens of one sample in a packed row, Σ weight · len(column): the token budget of ``max_tokens_per_batch``
+    length_columns: dict[str, int] = {}
 
     def __init__(
         self,
@@ -268,12 +271,23 @@ class BaseDataModule(pl.LightningDataModule):
 
     # -------------------------------------------------------------------------------------------- loaders
     def collate_fn(self) -> Callable[[list[dict]], dict]:
-        """The batch collator of this kind of data."""
+        """The batch collator of this kind of data (subclasses that pack take ``packing: bool``)."""
         raise NotImplementedError
 
-    def _loader(self, dataset: datasets.Dataset, shuffle: bool) -> StatefulDataLoader:
-        return build_dataloader(dataset, self.hparams.batch_size, shuffle, self.collate_fn(), self.trainer,
-                                self.hparams.seed, self.hparams.num_workers)
+    def _loader(self, dataset: datasets.Dataset, shuffle: bool, packed: bool = True) -> StatefulDataLoader:
+        """Padded micro-batches of ``batch_size`` samples, or (subclasses with ``packing: true``, unless ``packed``
+        is off) packed rows of ``batch_size`` samples or ``max_tokens_per_batch`` tokens."""
+        hp = self.hparams
+        if not (packed and hp.get("packing")):
+            return build_dataloader(dataset, hp.batch_size, shuffle, self.collate_fn(), self.trainer, hp.seed,
+                                    hp.num_workers)
+        budget = hp.get("max_tokens_per_batch")
+        lengths = sample_lengths(dataset, self.length_columns) if budget else [0] * len(dataset)
+        if budget:
+            check_token_budget(dataset, lengths, budget, "" if len(self.length_columns) == 1 else
+                               ": prompt counted once per response, each response is its own segment")
+        return build_packed_dataloader(dataset, lengths, hp.batch_size, budget, shuffle,
+                                       self.collate_fn(packing=True), self.trainer, hp.seed, hp.num_workers)
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_dataset, shuffle=self.hparams.shuffle)
@@ -290,5 +304,6 @@ class BaseDataModule(pl.LightningDataModule):
         return self.ordered_train_dataloader()
 
     def ordered_train_dataloader(self) -> StatefulDataLoader:
-        """This rank's shard of the training set in a fixed order (e.g. for precomputing reference log-probs)."""
-        return self._loader(self.train_dataset, shuffle=False)
+        """This rank's shard of the training set in a fixed order (e.g. for precomputing reference log-probs);
+        always padded rows of ``batch_size`` (one output per sample for ``predict``)."""
+        return self._loader(self.train_dataset, shuffle=False, packed=False)

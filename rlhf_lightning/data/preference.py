@@ -27,8 +27,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from rlhf_lightning.data.base import BaseDataModule
-from rlhf_lightning.data.collate import IGNORE_INDEX, pad_sequences
+from rlhf_lightning.data.collate import IGNORE_INDEX, pack_segments, pad_sequences
 from rlhf_lightning.data.formatting import encode_prompt_response, fit_prompt
+from rlhf_lightning.data.packing import check_packing_options
 from rlhf_lightning.data.sources import require_columns
 from rlhf_lightning.data.transcripts import (
     ASSISTANT_MARKER,
@@ -38,7 +39,7 @@ from rlhf_lightning.data.transcripts import (
     split_chat,
     split_transcript,
 )
-from rlhf_lightning.errors import DataError
+from rlhf_lightning.errors import ConfigError, DataError
 
 Conversation = str | list[dict[str, Any]]
 __all__ = ["BadRow", "PreferenceCollator", "PreferenceDataModule", "UnpairedCollator", "UnpairedPreferenceDataModule"]
@@ -59,12 +60,24 @@ def answer_of(response: Conversation) -> str:
     """The answer text of a response given as a string or as a full chat ending with the assistant's message."""
     return split_chat(response)[1] if isinstance(response, list) else response
 
+def collate_rows(seqs: list[list[int]], labels: list[list[int]], pad_token_id: int,
+                 packing: bool) -> dict[str, torch.Tensor]:
+    """Sequences and their labels as one padded batch, or as one packed row (segment ``i`` = sequence ``i``)."""
+    if packing:
+        return pack_segments(list(zip(seqs, labels, strict=True)))
+    return {"input_ids": pad_sequences(seqs, pad_token_id),
+            "attention_mask": pad_sequences([[1] * len(s) for s in seqs], 0),
+            "labels": pad_sequences(labels, IGNORE_INDEX)}
+
+
 class PreferenceCollator:
     """Stacks every pair's chosen then rejected sequences into one right-padded batch of ``2B`` rows, so the
-    policy (and reference) score both in a single forward pass."""
+    policy (and reference) score both in a single forward pass; with ``packing``, into one packed row of ``2B``
+    segments in the same order (:mod:`rlhf_lightning.data.packing`)."""
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, packing: bool = False) -> None:
         self.pad_token_id = pad_token_id
+        self.packing = packing
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         seqs, labels = [], []
@@ -73,9 +86,7 @@ class PreferenceCollator:
                 seqs.append(r["prompt_ids"] + r[f"{side}_ids"])
                 labels.append([IGNORE_INDEX] * len(r["prompt_ids"]) + r[f"{side}_ids"])
         return {
-            "input_ids": pad_sequences(seqs, self.pad_token_id),
-            "attention_mask": pad_sequences([[1] * len(s) for s in seqs], 0),
-            "labels": pad_sequences(labels, IGNORE_INDEX),
+            **collate_rows(seqs, labels, self.pad_token_id, self.packing),
             "margin": torch.tensor([float(r["margin"]) for r in rows]),
             "index": torch.tensor([r["index"] for r in rows]),
         }
@@ -83,10 +94,12 @@ class PreferenceCollator:
 
 class UnpairedCollator:
     """KTO batches: each (prompt, completion) plus a mismatched pair (prompt i, completion i+1) per row, used to
-    estimate KL(π‖π_ref) for KTO's reference point; rows ``[0, B)`` are matched, ``[B, 2B)`` mismatched."""
+    estimate KL(π‖π_ref) for KTO's reference point; rows (or packed segments) ``[0, B)`` are matched, ``[B, 2B)``
+    mismatched."""
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, packing: bool = False) -> None:
         self.pad_token_id = pad_token_id
+        self.packing = packing
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         n = len(rows)
@@ -94,9 +107,7 @@ class UnpairedCollator:
         seqs = [p["prompt_ids"] + c["completion_ids"] for p, c in pairs]
         labels = [[IGNORE_INDEX] * len(p["prompt_ids"]) + c["completion_ids"] for p, c in pairs]
         return {
-            "input_ids": pad_sequences(seqs, self.pad_token_id),
-            "attention_mask": pad_sequences([[1] * len(s) for s in seqs], 0),
-            "labels": pad_sequences(labels, IGNORE_INDEX),
+            **collate_rows(seqs, labels, self.pad_token_id, self.packing),
             "desirable": torch.tensor([bool(r["label"]) for r in rows]),
             "index": torch.tensor([r["index"] for r in rows]),
         }
@@ -114,6 +125,10 @@ class PreferenceDataModule(BaseDataModule):
         input_template: ``"...{}..."`` prompt format instead of the chat template (not applied to HH transcripts).
         use_chat_template: format with the tokenizer's chat template when it has one.
         max_len: maximum tokens of prompt + response (see the truncation policy above).
+        packing: concatenate each micro-batch's sequences (every pair's chosen and rejected, each its own segment)
+            into one row without padding (:mod:`rlhf_lightning.data.packing`).
+        max_tokens_per_batch: with ``packing``, fill each micro-batch with pairs up to this many tokens (a pair
+            counts its prompt twice) instead of ``batch_size`` pairs; every pair must fit it.
         kwargs: the common arguments of :class:`~rlhf_lightning.data.base.BaseDataModule` (``path``, ``path_probs``,
             ``val_path``, ``val_split``, ``batch_size`` (pairs per micro-batch per device), ``on_bad_rows``...).
     """
@@ -122,11 +137,14 @@ class PreferenceDataModule(BaseDataModule):
     collator_class: type = PreferenceCollator
     empty_sample: dict = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "margin": 0.0, "truncated": False,
                           "dropped": False}
+    length_columns = {"prompt_ids": 2, "chosen_ids": 1, "rejected_ids": 1}
 
     def __init__(self, *args: Any, prompt_key: str = "prompt", chosen_key: str = "chosen",
                  rejected_key: str = "rejected", margin_key: str | None = None, input_template: str | None = None,
-                 use_chat_template: bool = True, max_len: int = 1024, **kwargs: Any) -> None:
+                 use_chat_template: bool = True, max_len: int = 1024, packing: bool = False,
+                 max_tokens_per_batch: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        check_packing_options(packing, max_tokens_per_batch)
 
     # ------------------------------------------------------------------------------------------ encoding
     def check_columns(self, records: datasets.Dataset, source: str) -> None:
@@ -205,8 +223,8 @@ class PreferenceDataModule(BaseDataModule):
         response = sample["chosen_ids"] if "chosen_ids" in sample else sample["completion_ids"]
         return self.tokenizer.decode(sample["prompt_ids"]), self.tokenizer.decode(response)
 
-    def collate_fn(self) -> Callable[[list[dict]], dict]:
-        return self.collator_class(self.tokenizer.pad_token_id)
+    def collate_fn(self, packing: bool = False) -> Callable[[list[dict]], dict]:
+        return self.collator_class(self.tokenizer.pad_token_id, packing=packing)
 
 
 class UnpairedPreferenceDataModule(PreferenceDataModule):
@@ -221,7 +239,8 @@ class UnpairedPreferenceDataModule(PreferenceDataModule):
         completion_key: the completion column (a string, or a full chat whose last message is the answer).
         label_key: boolean column: is the completion desirable?
         kwargs: every :class:`PreferenceDataModule` argument (its chosen/rejected keys are used to unpair pairs;
-            ``margin_key`` is ignored).
+            ``margin_key`` is ignored). ``packing`` packs the matched and mismatched sequences; token-budget
+            micro-batches (``max_tokens_per_batch``) are not supported.
     """
 
     unit = "rows"
@@ -231,6 +250,10 @@ class UnpairedPreferenceDataModule(PreferenceDataModule):
     def __init__(self, *args: Any, completion_key: str = "completion", label_key: str = "label",
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.hparams.get("max_tokens_per_batch") is not None:
+            raise ConfigError("data.init_args.max_tokens_per_batch is not supported by UnpairedPreferenceDataModule: "
+                              "each row is also scored with its neighbour's completion (KTO's KL estimate), so its "
+                              "size depends on the batch; use packing with data.init_args.batch_size instead.")
 
     def is_paired(self, columns: list[str] | dict) -> bool:
         """Whether records with these columns are pairs to unpair (chosen/rejected present, no completion)."""

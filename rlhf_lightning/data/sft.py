@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from rlhf_lightning.data.base import BaseDataModule
 from rlhf_lightning.data.collate import IGNORE_INDEX, SFTCollator
 from rlhf_lightning.data.formatting import render_chat, render_prompt_response, tokenize_with_spans, truncate
+from rlhf_lightning.data.packing import check_packing_options
 from rlhf_lightning.data.sources import require_columns
 from rlhf_lightning.data.transcripts import BadRow
 from rlhf_lightning.errors import DataError
@@ -43,16 +44,23 @@ class SFTDataModule(BaseDataModule):
         use_chat_template: format prompt/response pairs with the tokenizer's chat template.
         max_len: maximum tokens per sample (see the truncation policy above).
         truncation: ``right`` cuts long samples, ``drop`` drops them.
+        packing: concatenate each micro-batch's samples into one row without padding (position ids restart per
+            sample, attention stays within each sample; :mod:`rlhf_lightning.data.packing`).
+        max_tokens_per_batch: with ``packing``, fill each micro-batch with samples up to this many tokens instead
+            of ``batch_size`` samples (token-budget micro-batches); every sample must fit it.
         kwargs: the common arguments of :class:`~rlhf_lightning.data.base.BaseDataModule` (``path``, ``path_probs``,
             ``val_path``, ``val_split``, ``batch_size``, ``max_samples``...).
     """
 
     empty_sample = {"input_ids": [], "labels": [], "truncated": False, "keep": False}
+    length_columns = {"input_ids": 1}
 
     def __init__(self, *args: Any, input_key: str = "input", output_key: str = "output",
                  messages_key: str | None = None, input_template: str | None = None, use_chat_template: bool = True,
-                 max_len: int = 2048, truncation: Literal["right", "drop"] = "right", **kwargs: Any) -> None:
+                 max_len: int = 2048, truncation: Literal["right", "drop"] = "right", packing: bool = False,
+                 max_tokens_per_batch: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        check_packing_options(packing, max_tokens_per_batch)
 
     def check_columns(self, records: datasets.Dataset, source: str) -> None:
         hp = self.hparams
@@ -102,5 +110,5 @@ class SFTDataModule(BaseDataModule):
         prompt = [t for t, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX]
         return self.tokenizer.decode(prompt), self.tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
 
-    def collate_fn(self) -> Callable[[list[dict]], dict]:
-        return SFTCollator(self.tokenizer.pad_token_id)
+    def collate_fn(self, packing: bool = False) -> Callable[[list[dict]], dict]:
+        return SFTCollator(self.tokenizer.pad_token_id, packing=packing)

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generate.py                    # tiny model (0.2M parameters), CPU, ~2 minutes on 2 cores
     python benchmarks/bench_generate.py --model small      # a 26M-parameter random Llama: a more meaningful ratio
+    python benchmarks/bench_generate.py --model-dir DIR    # any saved HF model, e.g. SmolLM2-135M converted from GGUF
 
 Both sides run in fresh child processes (alternating, ``--repeats`` times each) on the same saved weights, the same
 prompts (chat template), the same batch size (prompts per batch, each sampled ``n`` times), the same sampling
@@ -11,6 +12,9 @@ settings and ``max_new_tokens``:
   ``Generator`` -> ``GenerationWorker.generate`` with per-prompt seeds, the jsonl writer); its time is the predict
   loop's wall time from ``<output>.meta.json`` (start-up and model loading excluded on both sides);
 - ``hf``: tokenize with left padding, ``model.generate(do_sample=True, num_return_sequences=n, ...)``, decode.
+
+Ours prefills each prompt once for its ``n`` samples (``rlhf_lightning.generation.shared_prefill``); the plain loop
+(like ``generate_responses`` before it) runs the prompt through the model once per sample.
 
 Tokens are the generated tokens up to and including the first EOS, per side; peak RSS is each child's
 (``wait4``). Results go to ``benchmarks/results/generate_<model>_<device>.{json,md}``.
@@ -32,10 +36,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ENV, REPO_ROOT, build_model, machine, now, versions, write_report  # noqa: E402
+from common import ENV, REPO_ROOT, SMOLLM2, build_model, machine, now, versions, write_report  # noqa: E402
 
 MODELS = {"tiny": {}, "small": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
-                                 "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 64}}
+                                 "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 64},
+          "smollm2": SMOLLM2}
+
+
+def describe_model(model_dir: str) -> dict[str, Any]:
+    """Parameter count and shape of a saved model (for the report), read without loading its weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {"n_params": sum(p.numel() for p in model.parameters()), "model_dir": str(model_dir),
+            "n_layers": config.num_hidden_layers, "hidden_size": config.hidden_size}
 
 
 def hf_side(spec: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +140,8 @@ def summarize_runs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     s, c = report["summary"], report["config"]
-    lines = [f"### Batch generation, model `{c['model']}` ({report['model']['n_params'] / 1e6:.1f}M parameters), "
+    model = c.get("name") or c.get("model_dir") or c["model"]
+    lines = [f"### Batch generation, model `{model}` ({report['model']['n_params'] / 1e6:.1f}M parameters), "
              f"{c['device']}", "",
              f"{report['date']}; {report['machine']}. Command: `{report['command']}`. {c['prompts']} prompts x n="
              f"{c['n']}, {c['batch_size']} prompts per batch, temperature {c['temperature']}, max_new_tokens "
@@ -142,6 +160,8 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(MODELS), default="tiny")
+    parser.add_argument("--model-dir", help="a saved HF model (with tokenizer and chat template) instead of --model")
+    parser.add_argument("--name", help="results name (default: --model, or the --model-dir folder's name)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--n", type=int, default=4)
@@ -156,7 +176,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_dir = workdir / "model"
-        _, model_info = build_model(str(REPO_ROOT), MODELS[args.model], str(model_dir))
+        if args.model_dir:
+            model_dir, model_info = Path(args.model_dir), describe_model(args.model_dir)
+        else:
+            _, model_info = build_model(str(REPO_ROOT), MODELS[args.model], str(model_dir))
         rng = random.Random(0)
         prompts = workdir / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": "reverse: " + " ".join(
@@ -175,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "command": " ".join(["python benchmarks/bench_generate.py", *(sys.argv[1:] if argv is None else argv)]),
               "model": model_info, "runs": runs, "summary": summary}
     table = markdown(report)
-    write_report(report, args.out, f"generate_{args.model}_{args.device}", table)
+    name = args.name or (Path(args.model_dir).name if args.model_dir else args.model)
+    write_report(report, args.out, f"generate_{name}_{args.device}", table)
     print("\n" + table, flush=True)
     return report
 

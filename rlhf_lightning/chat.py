@@ -28,6 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from rlhf_lightning.data.formatting import render_prompt, render_prompt_response
 from rlhf_lightning.errors import ConfigError, MissingPathError
+from rlhf_lightning.generation import Sampling
 from rlhf_lightning.models import DTYPES, TINY_PRESET, check_model_path, has_weights, load_tokenizer
 from rlhf_lightning.rollout.workers import GenerationWorker
 
@@ -158,16 +159,6 @@ class TerminalStreamer(BaseStreamer):
 
 
 @dataclass
-class Sampling:
-    """The options of one reply, passed to :meth:`GenerationWorker.generate` unchanged."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-
-
-@dataclass
 class Chat:
     """A conversation with a loaded :class:`GenerationWorker`: renders the history, fits it into the context,
     streams the reply to ``write`` and keeps it.
@@ -232,7 +223,8 @@ class Chat:
         s = self.sampling
         out = self.worker.generate([ids], n=1, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                    top_p=s.top_p, top_k=s.top_k, eos_token_ids=self.stop_ids,
-                                   pad_token_id=self.tokenizer.pad_token_id, seed=self.seed + self.turn,
+                                   pad_token_id=self.tokenizer.pad_token_id, generation_kwargs=s.generation_kwargs,
+                                   seed=self.seed + self.turn,
                                    streamer=TerminalStreamer(self.tokenizer, self.write))
         reply = self.tokenizer.decode(out["responses"][0], skip_special_tokens=True)
         self.write("\n")

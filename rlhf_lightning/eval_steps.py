@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_lightning.errors import DataError
+from rlhf_lightning.generation import Sampling  # noqa: F401  (re-exported: evaluate's API)
 
 
 @dataclass
@@ -45,18 +46,6 @@ class PromptSet:
     use_chat_template: bool = True
     max_samples: int | None = None
     split: str = "train"
-
-
-@dataclass
-class Sampling:
-    """Generation options: ``temperature`` 0 is greedy; ``generation_kwargs`` are extra ``GenerationConfig``
-    fields (e.g. ``repetition_penalty``)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    generation_kwargs: dict[str, Any] | None = None
 
 
 def load_prompt_records(prompts: PromptSet) -> list[dict[str, Any]]:

@@ -16,14 +16,19 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from rlhf_lightning.errors import ConfigError
-from rlhf_lightning.rollout.workers import GenerationWorker, ReferenceWorker, RewardModelWorker
+from rlhf_lightning.rollout.workers import (
+    GenerationWorker,
+    PolicyGenerationWorker,
+    ReferenceWorker,
+    RewardModelWorker,
+)
 
 
 @dataclass
@@ -49,6 +54,10 @@ class RolloutConfig:
             what they asked for and what the cluster has free.
         max_restarts: times Ray may restart each dead actor (it reloads its model); the trainer then pushes the
             current weights again and retries the step. 0: a dead actor stops the run, after saving a checkpoint.
+        share_policy: ``local`` backend only: generate with the trained module itself instead of a generation worker
+            holding its own copy of the policy (no second copy in memory, no weight push each step). ``None``
+            (default): on wherever it is safe, i.e. on the ``local`` backend unless ZeRO-3 partitions the module
+            (every generated token would then gather each layer from all ranks); ``true`` where unsafe is an error.
         generation: generation workers (the prompts of a step are split among them).
         reference: reference workers (one is used; more are reserved for sharding large batches).
         reward: reward-model workers, one group per reward model.
@@ -59,6 +68,7 @@ class RolloutConfig:
     namespace: str = "rlhf_lightning"
     startup_timeout: float = 600.0
     max_restarts: int = 0
+    share_policy: bool | None = None
     generation: WorkerGroup = field(default_factory=WorkerGroup)
     reference: WorkerGroup = field(default_factory=WorkerGroup)
     reward: WorkerGroup = field(default_factory=WorkerGroup)
@@ -172,16 +182,23 @@ class Rollout:
     """Creates (or finds) the workers and dispatches calls to them."""
 
     def __init__(self, config: RolloutConfig, policy: str, reference: str | None, reward_models: list[str],
-                 worker_kwargs: dict[str, Any], create: bool) -> None:
+                 worker_kwargs: dict[str, Any], create: bool,
+                 policy_module: Callable[[], torch.nn.Module] | None = None) -> None:
+        """``policy_module`` (``local`` backend): return the trained module, which then generates itself
+        (:class:`PolicyGenerationWorker`) instead of ``generation.count`` workers loading ``policy``."""
         self.config = config
-        specs = [("generation", i, GenerationWorker, policy, config.generation)
-                 for i in range(config.generation.count)]
+        self.shares_policy = policy_module is not None
+        if self.shares_policy and config.backend != "local":
+            raise ConfigError("model.init_args.rollout.share_policy needs model.init_args.rollout.backend: local.")
+        specs = [] if self.shares_policy else [("generation", i, GenerationWorker, policy, config.generation)
+                                               for i in range(config.generation.count)]
         if reference is not None:
             specs.append(("reference", 0, ReferenceWorker, reference, config.reference))
         specs += [(f"reward{j}", 0, RewardModelWorker, path, config.reward) for j, path in enumerate(reward_models)]
         if config.backend == "ray":
             self._connect(create, {group: (sum(s[0] == group for s in specs), res) for group, _, _, _, res in specs})
-        self.workers: dict[str, list[Any]] = {}
+        self.workers: dict[str, list[Any]] = {"generation": [PolicyGenerationWorker(policy_module)]} \
+            if self.shares_policy else {}
         self.actor_names: dict[str, str] = {}  # Ray actor id -> name, for error messages
         for group, index, cls, path, resources in specs:
             worker = self._make(f"{group}-{index}", cls, path, resources, worker_kwargs, create)

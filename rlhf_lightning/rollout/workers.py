@@ -7,12 +7,13 @@ Plain classes, so the same code runs in-process (``local`` backend) or as Ray ac
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from rlhf_lightning.generation import RowSeededSampler, generate_responses  # noqa: F401  (re-exported)
-from rlhf_lightning.losses import shift_labels, token_log_probs
+from rlhf_lightning.logprobs import label_log_probs
 from rlhf_lightning.models import load_causal_lm
 
 
@@ -69,14 +70,49 @@ class GenerationWorker(ModelWorker):
         return {"responses": responses, "version": self.version}
 
 
+class PolicyGenerationWorker(GenerationWorker):
+    """A generation worker over the trained module itself (``local`` backend): no second copy of the policy in
+    memory and no weight push, since its weights are always the trainer's current ones.
+
+    ``policy`` returns the module (the trainer builds it in ``configure_model``, after the workers exist). It
+    generates in eval mode (no dropout; gradient checkpointing, active only in training mode, leaves the KV cache
+    on) and without gradients, then restores the module's mode. A weight "push" only records the version, so the
+    trainer's check that a rollout used the current weights still holds."""
+
+    def __init__(self, policy: Callable[[], torch.nn.Module]) -> None:
+        self.policy = policy
+        self.version = 0
+
+    @property
+    def model(self) -> torch.nn.Module:  # type: ignore[override]
+        return self.policy()
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor] | None, version: int) -> int:
+        """The module's weights are the trainer's own: only the version advances (``state_dict`` is ignored)."""
+        self.version = version
+        return version
+
+    def generate(self, *args: Any, **kwargs: Any) -> dict:
+        """:meth:`GenerationWorker.generate` in eval mode; the module's train/eval mode is restored afterwards."""
+        model = self.model
+        training = model.training
+        model.eval()
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            model.train(training)
+
+
 class ReferenceWorker(ModelWorker):
-    """Per-token log-probs of the labelled tokens under the frozen reference policy."""
+    """Per-token log-probs of the labelled tokens under the frozen reference policy (the LM head applied to the
+    response positions only, in chunks: :func:`rlhf_lightning.logprobs.label_log_probs`)."""
 
     @torch.no_grad()
     def log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                   temperature: float = 1.0) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
-        return token_log_probs(logits, shift_labels(labels.to(self.device)), temperature).cpu()
+        batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
+                 "labels": labels.to(self.device)}
+        return label_log_probs(self.model, batch, temperature).cpu()
 
 
 class RewardModelWorker(ModelWorker):

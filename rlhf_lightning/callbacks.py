@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.guards import TrainingDivergedError
+from rlhf_lightning.lora import has_lora, merged_state_dict, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,19 @@ def _from_rank_zero(value: list[str]) -> list[str]:
     return box[0]
 
 
-def export_hf(model: torch.nn.Module, tokenizer: object | None, directory: str | Path, rank: int) -> None:
+def export_hf(model: torch.nn.Module, tokenizer: object | None, directory: str | Path, rank: int,
+              adapter_only: bool = False) -> None:
     """Write ``save_pretrained`` weights (+ tokenizer) that plain ``transformers`` can load. Call on every rank.
 
+    A model with LoRA adapters is exported merged (``W + ΔW`` under the plain model's names), or, with
+    ``adapter_only``, as its peft adapter (``adapter_model.safetensors`` + ``adapter_config.json`` naming the base).
     Refuses (on every rank) a model with NaN or infinite weights, naming them: such an export would load and
     generate garbage without any error.
     """
+    adapter_only = adapter_only and has_lora(model)
     state = gather_state_dict(model, rank)
+    if not adapter_only:
+        state = merged_state_dict(model, state)  # unchanged without adapters
     bad = _from_rank_zero(nonfinite_tensors(state) if rank == 0 else [])
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -72,7 +79,10 @@ def export_hf(model: torch.nn.Module, tokenizer: object | None, directory: str |
             f"lower the learning rate (model.init_args.optimizer.init_args.lr) and resume from an earlier checkpoint.")
     if rank == 0:
         directory = Path(directory)
-        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        if adapter_only:
+            save_adapter(model, state, directory)
+        else:
+            model.save_pretrained(directory, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         rank_zero_info(f"Exported Hugging Face model to {directory}")
@@ -82,6 +92,7 @@ class HFExport(Callback):
     """Export the module's ``model`` (and ``tokenizer``) with ``save_pretrained``.
 
     A module may define ``prepare_export()`` (called on every rank first) to add to the export, e.g. config keys.
+    With ``lora`` the export holds merged weights, or only the adapter with ``lora.export: adapter``.
 
     A new run refuses a ``dirpath`` that already holds files (another run's export would be silently replaced and
     mixed with this one's): resuming (``ckpt_path``) or ``overwrite=True`` allows it. The CLI checks this before
@@ -118,7 +129,9 @@ class HFExport(Callback):
         if hasattr(module, "prepare_export"):  # e.g. the reward model stores its reward statistics in the config
             module.prepare_export()
         model = getattr(module, self.attribute)
-        export_hf(model, getattr(module, "tokenizer", None), directory, trainer.global_rank)
+        lora = getattr(module, "lora", None)
+        export_hf(model, getattr(module, "tokenizer", None), directory, trainer.global_rank,
+                  adapter_only=lora is not None and lora.export == "adapter")
         self._last_exported_step = trainer.global_step
         trainer.strategy.barrier()
 

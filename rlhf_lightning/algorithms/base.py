@@ -16,12 +16,14 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, SchedulerType, get_scheduler
 
 from rlhf_lightning.checkpointing import ResumeState
 from rlhf_lightning.errors import ConfigError, UserError
 from rlhf_lightning.guards import DivergenceGuard
-from rlhf_lightning.models import check_model_path, load_causal_lm, load_tokenizer
+from rlhf_lightning.lora import LoRA, apply_lora, check_lora, quantization_config, trainable_summary
+from rlhf_lightning.models import check_model_path, load_causal_lm, load_tokenizer, to_dtype
 from rlhf_lightning.strategies import DeepSpeedStrategy
 
 # Module options that name a model (a list for ``reward_models``); the pre-flight check resolves every one.
@@ -65,8 +67,15 @@ def check_optimizer(factory: OptimizerCallable) -> None:
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
-    """AdamW at a learning rate that suits full fine-tuning of pretrained LMs."""
-    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    """AdamW at a learning rate that suits full fine-tuning of pretrained LMs, on torch's fused implementation
+    (one kernel over all parameters; on CPU torch's default is a Python loop per parameter: a 30M-parameter step
+    took 435 ms there, 226 ms with ``foreach``, 66 ms fused), or ``foreach`` where fused is unsupported (e.g. a
+    device or dtype it lacks a kernel for). The update is the same AdamW (Loshchilov & Hutter, 2019)."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=True)
 
 
 class RLHFModule(LightningModule):
@@ -95,6 +104,9 @@ class RLHFModule(LightningModule):
         loss_spike_factor: stop the run when the training loss exceeds this multiple of the median of the recent
             losses, e.g. ``10`` (``None`` = off). Not applied under manual optimization (PPO family).
         loss_spike_warmup: steps to see before loss spikes are checked.
+        lora: train low-rank adapters instead of all weights (``{r: 16, alpha: 32, target_modules: all-linear}``;
+            see :class:`rlhf_lightning.lora.LoRA`). The reference of DPO/KTO/PPO is then the same model with the
+            adapters disabled (no second model), and exports hold merged weights unless ``lora.export: adapter``.
     """
 
     def __init__(
@@ -114,6 +126,7 @@ class RLHFModule(LightningModule):
         max_nonfinite_steps: int = 3,
         loss_spike_factor: float | None = None,
         loss_spike_warmup: int = 10,
+        lora: LoRA | None = None,
     ) -> None:
         super().__init__()
         require(lr_scheduler in SCHEDULERS, "lr_scheduler", lr_scheduler, f"one of {SCHEDULERS}")
@@ -123,8 +136,10 @@ class RLHFModule(LightningModule):
         require(loss_spike_factor is None or loss_spike_factor > 1, "loss_spike_factor", loss_spike_factor,
                 "> 1 (a multiple of the recent median loss) or null")
         require(loss_spike_warmup >= 0, "loss_spike_warmup", loss_spike_warmup, ">= 0")
+        check_lora(lora, hardware=False)  # QLoRA's bitsandbytes and GPU: in check_config
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
+        self.lora = lora  # the typed option (``hparams`` may hold the CLI's plain dict of it)
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._step_started = 0.0
@@ -141,6 +156,7 @@ class RLHFModule(LightningModule):
         for option, path, random_ok in self.model_paths():
             check_model_path(path, option, random_init=random_ok)
         check_optimizer(self.optimizer_factory)
+        check_lora(self.lora)
 
     def model_paths(self) -> list[tuple[str, str, bool]]:
         """``(option, path, may be randomly initialised)`` of every model this run loads. Reward models never are:
@@ -160,20 +176,28 @@ class RLHFModule(LightningModule):
         return next((option for option, path, _ in self.model_paths() if path == name_or_path), model_option("model"))
 
     # ----------------------------------------------------------------------------------------------- model
-    def load_model(self, name_or_path: str, score_head: bool = False) -> PreTrainedModel:
-        """Build a causal LM (or, with ``score_head``, a scalar-output model) with this module's settings."""
+    def load_model(self, name_or_path: str, score_head: bool = False, trainable: bool = False) -> PreTrainedModel:
+        """Build a causal LM (or, with ``score_head``, a scalar-output model) with this module's settings.
+        ``trainable``: a model this module trains, which gets the ``lora`` adapters when they are configured
+        (a frozen reference or reward model never does)."""
         hp = self.hparams
+        lora = self.lora if trainable else None
         ds_config = self.trainer.strategy.config if self._has_trainer and isinstance(
             self.trainer.strategy, DeepSpeedStrategy) else None
-        return load_causal_lm(name_or_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
-                              gradient_checkpointing=hp.gradient_checkpointing,
-                              trust_remote_code=hp.trust_remote_code, config_overrides=hp.config_overrides,
-                              deepspeed_config=ds_config, score_head=score_head,
-                              random_init=bool(hp.get("random_init", False)), option=self.option_of(name_or_path))
+        model = load_causal_lm(name_or_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
+                               gradient_checkpointing=hp.gradient_checkpointing,
+                               trust_remote_code=hp.trust_remote_code, config_overrides=hp.config_overrides,
+                               deepspeed_config=ds_config, score_head=score_head,
+                               random_init=bool(hp.get("random_init", False)), option=self.option_of(name_or_path),
+                               quantization_config=quantization_config(lora, to_dtype(hp.dtype)))
+        if lora is not None:
+            model = apply_lora(model, lora, name_or_path, score_head=score_head)
+            rank_zero_info(f"LoRA on {name_or_path}: {trainable_summary(model)}")
+        return model
 
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = self.load_model(self.hparams.model).train()  # from_pretrained returns eval mode
+        if self.model is None:  # from_pretrained returns eval mode
+            self.model = self.load_model(self.hparams.model, trainable=True).train()
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer or self.hparams.model,
                                             trust_remote_code=self.hparams.trust_remote_code)

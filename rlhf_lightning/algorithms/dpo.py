@@ -7,7 +7,8 @@ ZeRO-3 it is built inside ``deepspeed.zero.Init`` like the policy, so it is part
 ``precompute_reference: true`` scores the whole training (and validation) set with the reference once before
 training and caches the log-probs, so each step does one forward pass less; when the reference is the starting
 policy no reference model is loaded at all. The cache is stored in checkpoints, so resuming never recomputes it
-with an already-trained policy.
+with an already-trained policy. With ``lora`` (and no ``reference_model``) the reference is the policy with its
+adapters disabled, so no reference model is loaded either.
 
 A new variant is one method: subclass :class:`DPO` and override :meth:`DPO.pair_loss`
 (``examples/custom_dpo_loss.py``).
@@ -15,6 +16,7 @@ A new variant is one method: subclass :class:`DPO` and override :meth:`DPO.pair_
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -22,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
 from rlhf_lightning.algorithms.preference import PreferenceModule, sequence_logps, split_pairs
+from rlhf_lightning.lora import adapters_disabled
 from rlhf_lightning.losses import dpo_loss
 
 
@@ -57,9 +60,15 @@ class DPO(PreferenceModule):
     def configure_model(self) -> None:
         super().configure_model()
         hp = self.hparams
-        needs_reference = not (hp.precompute_reference and hp.reference_model is None)
+        # No reference model when the starting policy's log-probs are cached, or with LoRA (adapters disabled).
+        needs_reference = hp.reference_model is not None or not (hp.precompute_reference or self.lora is not None)
         if needs_reference and self.reference is None:
             self.reference = self.load_model(hp.reference_model or hp.model).eval().requires_grad_(False)
+
+    def reference_policy(self) -> AbstractContextManager[torch.nn.Module]:
+        """The reference as a context: the reference model, else the policy with its LoRA adapters disabled (without
+        adapters, the starting policy itself: only used before training, to fill the cache)."""
+        return nullcontext(self.reference) if self.reference is not None else adapters_disabled(self.model)
 
     # ------------------------------------------------------------------------------------------ reference
     def reference_logps(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -67,8 +76,8 @@ class DPO(PreferenceModule):
         if stage in self.reference_cache:
             cached = self.reference_cache[stage].to(batch["index"].device)[batch["index"]]  # (B, 2)
             return torch.cat([cached[:, 0], cached[:, 1]])
-        with torch.no_grad():
-            return sequence_logps(self.reference, batch)["sum"]
+        with torch.no_grad(), self.reference_policy() as reference:
+            return sequence_logps(reference, batch)["sum"]
 
     def on_fit_start(self) -> None:
         if not self.hparams.precompute_reference or self.reference_cache:
@@ -87,20 +96,20 @@ class DPO(PreferenceModule):
     def score_dataset(self, loader: torch.utils.data.DataLoader, size: int, name: str) -> torch.Tensor:
         """Reference log-probs (size, 2) [chosen, rejected] for a dataset; every rank scores its shard, then the
         shards are summed across ranks (each index is scored by exactly the ranks whose shard holds it)."""
-        model = self.reference if self.reference is not None else self.model
-        was_training = model.training
-        model.eval()
         total = torch.zeros(size, 2, dtype=torch.float64, device=self.device)
         seen = torch.zeros(size, dtype=torch.float64, device=self.device)
-        for batch in tqdm(loader, desc=f"Reference log-probs ({name})", disable=self.global_rank != 0):
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            if int(batch["index"].max()) >= size:  # the DataModule numbers rows densely after filtering
-                raise RuntimeError(f"Row index {int(batch['index'].max())} outside the {size} {name} rows: the "
-                                   f"DataModule's 'index' column must number the rows 0..N-1 after filtering.")
-            chosen, rejected = split_pairs(sequence_logps(model, batch)["sum"].double())
-            total[batch["index"]] = torch.stack([chosen, rejected], dim=1)
-            seen[batch["index"]] = 1.0
-        model.train(was_training)
+        with self.reference_policy() as model:
+            was_training = model.training
+            model.eval()
+            for batch in tqdm(loader, desc=f"Reference log-probs ({name})", disable=self.global_rank != 0):
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                if int(batch["index"].max()) >= size:  # the DataModule numbers rows densely after filtering
+                    raise RuntimeError(f"Row index {int(batch['index'].max())} outside the {size} {name} rows: the "
+                                       f"DataModule's 'index' column must number the rows 0..N-1 after filtering.")
+                chosen, rejected = split_pairs(sequence_logps(model, batch)["sum"].double())
+                total[batch["index"]] = torch.stack([chosen, rejected], dim=1)
+                seen[batch["index"]] = 1.0
+            model.train(was_training)
         if self.trainer.world_size > 1:
             total, seen = self.trainer.strategy.reduce(total, reduce_op="sum"), self.trainer.strategy.reduce(
                 seen, reduce_op="sum")

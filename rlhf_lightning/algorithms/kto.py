@@ -14,6 +14,7 @@ files (one desirable and one undesirable row per pair).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from lightning.pytorch import LightningDataModule
 from rlhf_lightning.algorithms.preference import PreferenceModule, sequence_logps, split_pairs
 from rlhf_lightning.data import PreferenceDataModule, UnpairedPreferenceDataModule
 from rlhf_lightning.errors import ConfigError
+from rlhf_lightning.lora import adapters_disabled
 from rlhf_lightning.losses import kto_loss
 
 
@@ -38,7 +40,8 @@ class KTO(PreferenceModule):
         beta: β of the KTO value function.
         desirable_weight: λ_D, weight of desirable examples.
         undesirable_weight: λ_U, weight of undesirable examples (raise it when they are fewer).
-        reference_model: path or hub id of the reference; default: the same weights as ``model``.
+        reference_model: path or hub id of the reference; default: the same weights as ``model`` (with ``lora``:
+            the policy with its adapters disabled, no second model).
         kwargs: model, optimizer and schedule options of :class:`RLHFModule`.
     """
 
@@ -62,8 +65,9 @@ class KTO(PreferenceModule):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self.reference is None:
-            self.reference = self.load_model(self.hparams.reference_model or self.hparams.model)
+        hp = self.hparams
+        if self.reference is None and (hp.reference_model is not None or self.lora is None):
+            self.reference = self.load_model(hp.reference_model or hp.model)
             self.reference.eval().requires_grad_(False)
 
     def reference_point(self, policy_mismatched: torch.Tensor, ref_mismatched: torch.Tensor) -> torch.Tensor:
@@ -75,8 +79,9 @@ class KTO(PreferenceModule):
 
     def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy_matched, policy_mismatched = split_pairs(sequence_logps(self.model, batch)["sum"])
-        with torch.no_grad():
-            ref_matched, ref_mismatched = split_pairs(sequence_logps(self.reference, batch)["sum"])
+        with torch.no_grad(), (nullcontext(self.reference) if self.reference is not None  # LoRA: adapters off
+                               else adapters_disabled(self.model)) as reference:
+            ref_matched, ref_mismatched = split_pairs(sequence_logps(reference, batch)["sum"])
             z0 = self.reference_point(policy_mismatched, ref_mismatched)
         desirable = batch["desirable"]
         hp = self.hparams

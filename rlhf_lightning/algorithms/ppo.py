@@ -13,7 +13,10 @@ One ``training_step`` = one rollout and its updates:
    micro-batches (DeepSpeed is told where each accumulation window closes).
 
 Actor and critic train under one optimizer with two parameter groups (DeepSpeed accepts one optimizer), the
-critic with its own ``critic_learning_rate``. With ``kl_coef: 0`` no reference worker is started at all.
+critic with its own ``critic_learning_rate``. With ``kl_coef: 0`` no reference worker is started at all; with
+``lora`` (and no ``reference_model``) neither: the reference log-probs come from the policy with its adapters
+disabled, computed here while the reward workers score, and the generation workers receive merged weights. The
+critic gets adapters (and a fully trained value head) too.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from rlhf_lightning.callbacks import gather_state_dict
 from rlhf_lightning.checkpointing import save_named_checkpoint
 from rlhf_lightning.data.collate import IGNORE_INDEX, pad_sequences
 from rlhf_lightning.errors import ConfigError
+from rlhf_lightning.logprobs import label_log_probs
+from rlhf_lightning.lora import adapters_disabled, merged_state_dict
 from rlhf_lightning.losses import aggregate, entropy_from_logits, policy_loss, shift_labels, token_log_probs, value_loss
 from rlhf_lightning.models import TINY_PRESET
 from rlhf_lightning.rollout.engine import Rollout, RolloutConfig, RolloutWorkerError
@@ -119,6 +124,9 @@ class PPO(RLHFModule):
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
         self.rollout_config = rollout or RolloutConfig()
+        if self.rollout_config.share_policy and self.rollout_config.backend != "local":  # ZeRO-3: generates_with_policy
+            raise ConfigError("model.init_args.rollout.share_policy: true needs model.init_args.rollout.backend: "
+                              "local (Ray generation actors hold their own copy): set it to null or false.")
         self.critic: torch.nn.Module | None = None
         self.rollout: Rollout | None = None
         self.policy_version, self.synced_version = 0, 0
@@ -185,6 +193,12 @@ class PPO(RLHFModule):
         return self.hparams.kl_coef > 0 or bool(self.hparams.kl_target)
 
     @property
+    def reference_is_policy_base(self) -> bool:
+        """With ``lora`` and no ``reference_model`` the reference is the policy with its adapters disabled: its
+        log-probs are computed here, and no reference worker (no second copy of the model) is started."""
+        return self.uses_reference and self.lora is not None and self.hparams.reference_model is None
+
+    @property
     def logp_temperature(self) -> float:
         """Temperature of the distribution the responses were sampled from (greedy decoding scores at 1)."""
         return self.hparams.temperature if self.hparams.temperature > 0 else 1.0
@@ -219,7 +233,8 @@ class PPO(RLHFModule):
         super().configure_model()
         hp = self.hparams
         if self.uses_critic and self.critic is None:
-            self.critic = self.load_model(hp.critic_model or (hp.reward_models or [hp.model])[0], score_head=True)
+            self.critic = self.load_model(hp.critic_model or (hp.reward_models or [hp.model])[0], score_head=True,
+                                          trainable=True)  # with ``lora``: adapters and a trained value head
             self.critic.train()
 
     def setup(self, stage: str) -> None:
@@ -233,10 +248,13 @@ class PPO(RLHFModule):
             self.synced_version = -1
         if config.backend == "local":
             kwargs["device"] = str(self.trainer.strategy.root_device.type)
-        reference = (hp.reference_model or hp.model) if self.uses_reference else None
+        reference = (hp.reference_model or hp.model) if self.uses_reference and not self.reference_is_policy_base \
+            else None
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):  # the engine (built after setup) clips in step()
             self.trainer.strategy.config["gradient_clipping"] = hp.max_grad_norm or 0.0
-        make = lambda create: Rollout(config, hp.model, reference, hp.reward_models or [], kwargs, create)  # noqa: E731
+        policy = (lambda: self.model) if self.generates_with_policy() else None
+        make = lambda create: Rollout(config, hp.model, reference, hp.reward_models or [], kwargs, create,  # noqa: E731
+                                      policy_module=policy)
         if config.backend == "local" or self.global_rank == 0:
             self.rollout = make(True)
         self.trainer.strategy.barrier("rollout workers started")
@@ -273,11 +291,16 @@ class PPO(RLHFModule):
 
     # -------------------------------------------------------------------------------------------- rollout
     def sync_weights(self) -> None:
-        """Push the policy to the generation workers if it changed since the last push."""
+        """Push the policy to the generation workers if it changed since the last push (with LoRA: merged weights
+        ``W + ΔW`` under the plain model's names, computed from the gathered copy)."""
         if self.synced_version == self.policy_version:
             return
         local = self.rollout_config.backend == "local"
-        state = gather_state_dict(self.model, self.global_rank, all_ranks=local)
+        if self.rollout.shares_policy:  # generating with the module itself: nothing to copy, only the version
+            self.rollout.push_weights(None, self.policy_version)
+            self.synced_version = self.policy_version
+            return
+        state = merged_state_dict(self.model, gather_state_dict(self.model, self.global_rank, all_ranks=local))
         self.on_all_ranks(lambda: self.rollout.push_weights(state, self.policy_version)
                           if local or self.global_rank == 0 else None)  # also the barrier after the push
         self.synced_version = self.policy_version
@@ -305,6 +328,18 @@ class PPO(RLHFModule):
         base = int(os.environ.get("PL_GLOBAL_SEED", 0))
         return ((base * 1_000_003 + self.policy_version) * 1_009 + self.global_rank * 101) % 2**31
 
+    def generates_with_policy(self) -> bool:
+        """Whether the rollout generates with this module's policy itself (``rollout.share_policy``; by default
+        wherever that is safe: the ``local`` backend without ZeRO-3 partitioning)."""
+        config, strategy = self.rollout_config, self.trainer.strategy
+        zero3 = isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+        safe = config.backend == "local" and not zero3
+        if config.share_policy and not safe:
+            raise ConfigError("model.init_args.rollout.share_policy: true needs model.init_args.rollout.backend: "
+                              "local and no ZeRO-3 (its partitioned module would gather every layer for every "
+                              "generated token): set it to null (automatic) or false.")
+        return safe if config.share_policy is None else config.share_policy
+
     def generate(self, prompt_ids: list[list[int]]) -> list[list[int]]:
         """Sample ``n_samples_per_prompt`` responses per prompt with the current policy's weights; a worker that
         answers with other weights (e.g. restarted by Ray since the last push) is a :class:`RolloutWorkerError`."""
@@ -322,6 +357,16 @@ class PPO(RLHFModule):
         """Critic values (N, L); position t is the value of the state that predicts token t + 1."""
         hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return score_head(self.critic)(hidden).squeeze(-1).float()
+
+    @torch.no_grad()
+    def base_policy_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              labels: torch.Tensor) -> torch.Tensor:
+        """Reference log-probs (N, L) from the policy with its LoRA adapters disabled, by micro-batch, while the
+        reward workers score (see :attr:`reference_is_policy_base`), computed as the reference worker does."""
+        with adapters_disabled(self.model) as base:
+            return torch.cat([label_log_probs(base, {"input_ids": input_ids[sl], "attention_mask": attention_mask[sl],
+                                                     "labels": labels[sl]}, self.logp_temperature)
+                              for sl in self.micro_slices(len(input_ids))])
 
     @torch.no_grad()
     def make_experience(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -356,7 +401,11 @@ class PPO(RLHFModule):
             if self.critic is not None:
                 values.append(self.values_of(input_ids[sl], attention_mask[sl]) * mask[sl])
         old_logps = torch.cat(old_logps) if old_logps else None
+        local_reference = self.base_policy_log_probs(input_ids, attention_mask, labels) \
+            if self.reference_is_policy_base else None
         results = dict(zip(handles, self.on_all_ranks(lambda: self.rollout.wait(list(handles.values()))), strict=True))
+        if local_reference is not None:
+            results["reference"] = local_reference
         scored = time.perf_counter()
 
         model_scores = [results[g] for g in self.rollout.reward_groups]

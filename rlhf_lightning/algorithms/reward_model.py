@@ -5,9 +5,9 @@
 The model is ``AutoModelForSequenceClassification`` with one label (a new ``score`` head when starting from a
 causal-LM checkpoint), so the export loads with plain ``transformers``. The reward is read at each sequence's
 last non-padding token, located from the attention mask (not from ``pad_token_id``, which is wrong when the
-pad token doubles as EOS). Before every export the mean and std of rewards over (up to
-``reward_stats_samples``) training pairs are written to the model config (``reward_mean``, ``reward_std``) so
-PPO can normalise rewards.
+pad token doubles as EOS), or, in packed batches (``data.init_args.packing``), at each segment's last token.
+Before every export the mean and std of rewards over (up to ``reward_stats_samples``) training pairs are written
+to the model config (``reward_mean``, ``reward_std``) so PPO can normalise rewards.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 
 from rlhf_lightning.algorithms.base import require
 from rlhf_lightning.algorithms.preference import PreferenceModule, split_pairs
+from rlhf_lightning.logprobs import forward_inputs, is_packed, segment_last_positions
 from rlhf_lightning.losses import pairwise_logexp_loss, pairwise_sigmoid_loss
 
 PAIRWISE_LOSSES = {"sigmoid": pairwise_sigmoid_loss, "logexp": pairwise_logexp_loss}
@@ -41,6 +42,15 @@ def last_token_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask
     return score_head(model)(pooled).squeeze(-1).float()
 
 
+def batch_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scalar reward of each sequence of a padded batch (per row) or packed batch (read at each segment's last
+    token; the head sees only those positions): -> (rows or segments,)."""
+    if not is_packed(batch):
+        return last_token_rewards(model, batch["input_ids"], batch["attention_mask"])
+    hidden = model.base_model(**forward_inputs(batch)).last_hidden_state[0]  # (N, H): the one packed row
+    return score_head(model)(hidden[segment_last_positions(batch["segment_ids"])]).squeeze(-1).float()
+
+
 class RewardModel(PreferenceModule):
     """Pairwise (Bradley–Terry) reward model.
 
@@ -58,12 +68,12 @@ class RewardModel(PreferenceModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = self.load_model(self.hparams.model, score_head=True).train()
+            self.model = self.load_model(self.hparams.model, score_head=True, trainable=True).train()
         super().configure_model()  # tokenizer
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
     def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        chosen, rejected = split_pairs(last_token_rewards(self.model, batch["input_ids"], batch["attention_mask"]))
+        chosen, rejected = split_pairs(batch_rewards(self.model, batch))
         margin = batch["margin"] if self.hparams.use_margin else 0.0
         loss = PAIRWISE_LOSSES[self.hparams.loss](chosen, rejected, margin)
         chosen, rejected = chosen.detach(), rejected.detach()
@@ -73,7 +83,7 @@ class RewardModel(PreferenceModule):
     @torch.no_grad()
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Rewards (B, 2) [chosen, rejected] of a preference batch (scores a dataset with ``predict``)."""
-        rewards = last_token_rewards(self.model, batch["input_ids"], batch["attention_mask"])
+        rewards = batch_rewards(self.model, batch)
         return torch.stack(split_pairs(rewards), dim=1)
 
     @torch.no_grad()
@@ -86,7 +96,7 @@ class RewardModel(PreferenceModule):
         rewards = []
         for batch in datamodule.ordered_train_dataloader():
             batch = self.transfer_batch_to_device(batch, self.device, 0)
-            rewards.append(last_token_rewards(self.model, batch["input_ids"], batch["attention_mask"]))
+            rewards.append(batch_rewards(self.model, batch))
             if sum(len(r) for r in rewards) >= 2 * budget // max(self.trainer.world_size, 1):
                 break
         self.model.train(was_training)

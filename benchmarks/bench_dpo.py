@@ -56,11 +56,13 @@ from common import (
     exit_on_sigterm,
     finish_child,
     fit_ours,
+    forward_flops_per_token,
     lightning_args,
     lightning_step_timer,
     machine,
     make_workdir,
     measure_sides,
+    mfu,
     mmm,
     now,
     one_token_words,
@@ -69,6 +71,7 @@ from common import (
     project_under_test,
     random_text,
     timed_phase,
+    training_flops_per_token,
     trl_step_timer,
     trl_training_args,
     versions,
@@ -82,8 +85,8 @@ SIDES = ("ours-cached-auto", "trl-cached", "ours-live-auto", "trl-live", "ours-c
 SIDE_LABEL = {
     "ours-cached-auto": "rlhf_lightning DPO, cached reference, strategy auto",
     "ours-live-auto": "rlhf_lightning DPO, live reference, strategy auto",
-    "ours-cached-deepspeed": "rlhf_lightning DPO, cached reference, DeepSpeed ZeRO-2",
-    "ours-live-deepspeed": "rlhf_lightning DPO, live reference, DeepSpeed ZeRO-2",
+    "ours-cached-deepspeed": "rlhf_lightning DPO, cached reference, DeepSpeed, ZeRO-2 config (one process: stage 0)",
+    "ours-live-deepspeed": "rlhf_lightning DPO, live reference, DeepSpeed, ZeRO-2 config (one process: stage 0)",
     "trl-cached": "TRL DPOTrainer, precompute_ref_log_probs=True",
     "trl-live": "TRL DPOTrainer, default (live reference)",
 }
@@ -261,7 +264,17 @@ def child_main(role: str, spec_path: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- report
-def summarize(args: argparse.Namespace, raw: dict[str, list[dict]], runs: dict[str, list[dict]]) -> dict[str, Any]:
+def flops_per_token(prepared: dict[str, Any], side: str) -> float:
+    """Model FLOPs per pair token of one step: the policy's forward and backward, plus the reference's forward on
+    the sides that run it live (a cached reference costs nothing per step)."""
+    shape = (prepared["n_params"], prepared["n_layers"], prepared["hidden_size"], prepared["tokens_per_sequence"])
+    return training_flops_per_token(*shape) + (0.0 if is_cached(side) else forward_flops_per_token(*shape))
+
+
+def summarize(args: argparse.Namespace, raw: dict[str, list[dict]], runs: dict[str, list[dict]],
+              prepared: dict[str, Any], matmul_peak: dict[str, Any]) -> dict[str, Any]:
+    """Per side: min/median/max over the repeats, the reference precompute, MFU against the matmul peak measured
+    in this run, and ours/TRL pairs/s (same reference mode, and against TRL's default)."""
     summary: dict[str, Any] = {}
     for side in args.sides:
         s = summary[side] = {key: mmm([r[key] for r in runs[side]])
@@ -269,6 +282,8 @@ def summarize(args: argparse.Namespace, raw: dict[str, list[dict]], runs: dict[s
                                          "own_cpu_cores", "other_cpu_cores")}
         s["step_s"] = mmm([r["step_s_median"] for r in runs[side]])
         s["in_hooks_s"] = mmm([r["in_hooks_s_median"] for r in runs[side]])
+        s["mfu_measured_peak"] = {k: mfu(v, flops_per_token(prepared, side), matmul_peak["tflops"])
+                                  for k, v in s["tokens_per_s"].items()}
         info = raw[side][0]
         s["setup"] = {k: info.get(k) for k in ("strategy", "optimizer", "precision", "param_dtype",
                                                "gradient_checkpointing", "attn_implementation", "torch_threads",
@@ -320,8 +335,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| side | pairs/s min | pairs/s median | pairs/s max | tokens/s median | s/step median "
         "| precompute s (median) | peak RSS MiB median | ours/TRL pairs/s, same reference mode (median) "
-        "| per repeat (min-max) | ours/TRL default (median) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| per repeat (min-max) | ours/TRL default (median) | MFU vs measured peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for side in cfg["sides"]:
         s = summary[side]
@@ -331,7 +346,13 @@ def markdown(report: dict[str, Any]) -> str:
         pre = f"{s['precompute_s']['median']:.2f}" if "precompute_s" in s else "-"
         lines.append(f"| {SIDE_LABEL[side]} | {pps['min']:.2f} | {pps['median']:.2f} | {pps['max']:.2f} | "
                      f"{s['tokens_per_s']['median']:,.0f} | {s['step_s']['median']:.4f} | {pre} | "
-                     f"{s['peak_rss_mib']['median']:,.0f} | {same} | {paired} | {default} |")
+                     f"{s['peak_rss_mib']['median']:,.0f} | {same} | {paired} | {default} | "
+                     f"{s['mfu_measured_peak']['median']:.1%} |")
+    peak = report["matmul_peak"]
+    lines += ["", "MFU vs measured peak: model FLOPs per pair token (policy forward + backward, 6N + 12·L·H·T; plus "
+                  f"the reference forward, 2N + 4·L·H·T, on live-reference sides) over the best {peak['dtype']} "
+                  f"{peak['size']}x{peak['size']} matmul timed in this run on {peak['threads']} threads: "
+                  f"{peak['tflops'] * 1e3:,.1f} GFLOP/s."]
     cached = [side for side in cfg["sides"] if is_cached(side)]
     if cached:
         lines += ["", "Reference precompute pass (not part of the per-step times), over all "
@@ -405,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         if tmp is not None:
             tmp.cleanup()
     raw, runs = measured["raw"], measured["runs"]
-    summary = summarize(args, raw, runs)
+    summary = summarize(args, raw, runs, prepared, measured["matmul_peak"])
     check_reference_logps(summary)
     report = {
         "benchmark": "dpo",
@@ -416,6 +437,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "config": {**{k: v for k, v in vars(args).items() if not k.startswith("child")}, "max_len": spec["max_len"]},
         "project": project,
         "prepare": prepared,
+        "matmul_peak": measured["matmul_peak"],
         "summary": summary,
         "runs": runs,
         "precompute": {side: [{k: r.get(k) for k in ("precompute_s", "precompute_pairs", "precompute_other_cpu_cores",

@@ -59,6 +59,7 @@ from common import (
     exit_on_sigterm,
     finish_child,
     fit_ours,
+    forward_flops_per_token,
     lightning_args,
     lightning_step_timer,
     machine,
@@ -71,6 +72,7 @@ from common import (
     pin_threads,
     project_under_test,
     random_text,
+    training_flops_per_token,
     trl_step_timer,
     trl_training_args,
     versions,
@@ -82,7 +84,7 @@ NAME = "bench_grpo"
 SIDES = ("ours-grpo-auto", "trl", "ours-grpo-deepspeed", "ours-ppo-auto")
 SIDE_LABEL = {
     "ours-grpo-auto": "rlhf_lightning GRPO, strategy auto",
-    "ours-grpo-deepspeed": "rlhf_lightning GRPO, DeepSpeed ZeRO-2",
+    "ours-grpo-deepspeed": "rlhf_lightning GRPO, DeepSpeed, ZeRO-2 config (one process: stage 0)",
     "trl": "TRL GRPOTrainer",
     "ours-ppo-auto": "rlhf_lightning PPO with critic (GAE), strategy auto (no TRL counterpart)",
 }
@@ -310,9 +312,25 @@ def phase_medians(result: dict[str, Any], warmup: int) -> dict[str, float]:
     return out
 
 
-def summarize(args: argparse.Namespace, raw: dict[str, list[dict]], runs: dict[str, list[dict]]) -> dict[str, Any]:
-    """Per side: min/median/max over the repeats, the phase split, the set-up, and ours/TRL samples/s."""
+def step_flops(args: argparse.Namespace, prepared: dict[str, Any]) -> dict[str, float]:
+    """Model FLOPs of one step (KL 0: no reference). generate: each distinct prompt's prefill once (the least a
+    sampler must compute, so sharing it is not credited as work) and every generated token's forward; train: the
+    forward and backward of every completion's full sequence (prompt + completion)."""
+    shape = (prepared["n_params"], prepared["n_layers"], prepared["hidden_size"])
+    length = args.prompt_len + args.max_new_tokens
+    completions = args.prompts_per_step * args.n_samples
+    generate = forward_flops_per_token(*shape, length) * (args.prompts_per_step * args.prompt_len
+                                                          + completions * args.max_new_tokens)
+    train = training_flops_per_token(*shape, length) * completions * length
+    return {"generate": generate, "train": train, "step": generate + train}
+
+
+def summarize(args: argparse.Namespace, raw: dict[str, list[dict]], runs: dict[str, list[dict]],
+              prepared: dict[str, Any], matmul_peak: dict[str, Any]) -> dict[str, Any]:
+    """Per side: min/median/max over the repeats, the phase split, the set-up, ours/TRL samples/s, MFU against
+    the matmul peak measured in this run, and the model GFLOP/s of the generate and train phases."""
     summary: dict[str, Any] = {}
+    flops = step_flops(args, prepared)
     for side in args.sides:
         s = summary[side] = {key: mmm([r[key] for r in runs[side]])
                              for key in ("samples_per_s", "tokens_per_s", "peak_rss_mib", "process_wall_s",
@@ -320,6 +338,10 @@ def summarize(args: argparse.Namespace, raw: dict[str, list[dict]], runs: dict[s
         s["step_s"] = mmm([r["step_s_median"] for r in runs[side]])
         phases = [phase_medians(r, args.warmup) for r in raw[side]]
         s["phase_s"] = {phase: mmm([p[phase] for p in phases]) for phase in phases[0]}
+        s["mfu_measured_peak"] = {k: flops["step"] / step_s / (matmul_peak["tflops"] * 1e12)
+                                  for k, step_s in s["step_s"].items()}
+        s["gflops_per_s"] = {phase: flops[phase] / s["phase_s"][phase]["median"] / 1e9
+                             for phase in ("generate", "train") if s["phase_s"][phase]["median"] > 0}
         info = raw[side][0]
         s["setup"] = {k: info.get(k) for k in ("strategy", "optimizer", "precision", "param_dtype",
                                                "gradient_checkpointing", "attn_implementation", "torch_threads",
@@ -349,8 +371,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| side | samples/s min | samples/s median | samples/s max | generated tokens/s median | s/step median "
         "| generate s | of which weight push s | score s | train s | other s | peak RSS MiB median "
-        "| ours/TRL samples/s (median) | per repeat (min-max) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ours/TRL samples/s (median) | per repeat (min-max) | MFU vs measured peak | generate / train GFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for side in cfg["sides"]:
         s = summary[side]
@@ -362,7 +384,10 @@ def markdown(report: dict[str, Any]) -> str:
                  for p in ("generate", "weight_push", "score", "train", "other")]
         lines.append(f"| {SIDE_LABEL[side]} | {sps['min']:.2f} | {sps['median']:.2f} | {sps['max']:.2f} | "
                      f"{s['tokens_per_s']['median']:,.0f} | {s['step_s']['median']:.4f} | " + " | ".join(split)
-                     + f" | {s['peak_rss_mib']['median']:,.0f} | {ratio_txt} | {paired} |")
+                     + f" | {s['peak_rss_mib']['median']:,.0f} | {ratio_txt} | {paired} | "
+                     f"{s['mfu_measured_peak']['median']:.1%} | "
+                     + " / ".join(f"{s['gflops_per_s'].get(p, 0):.1f}" for p in ("generate", "train")) + " |")
+    peak = report["matmul_peak"]
     lines += [
         "",
         "Samples are completions. Phase columns: median seconds per step (median over repeats). generate: ours "
@@ -373,6 +398,12 @@ def markdown(report: dict[str, Any]) -> str:
         "update (loss, backward, gradient clipping, optimizer step). "
         "other: the rest of the step (advantages, batching, data loading, framework "
         "bookkeeping).",
+        "",
+        f"MFU vs measured peak: model FLOPs per step (generate: each prompt's prefill once plus every generated "
+        "token's forward, 2N + 4·L·H·T per token; train: forward and backward of every full sequence, 6N + 12·L·H·T "
+        f"per token) over the median step time and the best {peak['dtype']} {peak['size']}x{peak['size']} matmul "
+        f"timed in this run on {peak['threads']} threads: {peak['tflops'] * 1e3:,.1f} GFLOP/s. The GFLOP/s columns "
+        "divide each phase's model FLOPs by its median time.",
         "",
         "Equal work: the end-of-sequence token is suppressed on both sides, so every completion is exactly "
         f"{cfg['max_new_tokens']} tokens (generation_kwargs min_new_tokens on both sides); the generated tokens per "
@@ -449,7 +480,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "config": {k: v for k, v in vars(args).items() if not k.startswith("child")},
         "project": project,
         "prepare": prepared,
-        "summary": summarize(args, raw, runs),
+        "matmul_peak": measured["matmul_peak"],
+        "summary": summarize(args, raw, runs, prepared, measured["matmul_peak"]),
         "runs": runs,
         "phases": {side: [{key: r[key] for key in (*(f"{p}_s" for p in PHASES), "weight_push_s") if key in r}
                           for r in raw[side]] for side in args.sides},

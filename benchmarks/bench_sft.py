@@ -64,7 +64,7 @@ from common import launch as launch_child
 
 NAME = "bench_sft"
 SIDES = ("ours-deepspeed", "ours-auto", "trl")
-SIDE_LABEL = {"ours-deepspeed": "rlhf_lightning SFT, DeepSpeed ZeRO-2",
+SIDE_LABEL = {"ours-deepspeed": "rlhf_lightning SFT, DeepSpeed, ZeRO-2 config (one process: stage 0)",
               "ours-auto": "rlhf_lightning SFT, strategy auto", "trl": "TRL SFTTrainer"}
 # Model presets: config overrides on top of the bundled tiny-llama config (vocab 1024, tied embeddings),
 # or a pretrained model (common.SMOLLM2).
@@ -174,9 +174,10 @@ def child_main(role: str, spec_path: str) -> None:
 
 # -------------------------------------------------------------------------------------------------------- report
 def summarize(args: argparse.Namespace, raw: dict[str, list[dict]], runs: dict[str, list[dict]],
-              prepared: dict[str, Any]) -> dict[str, Any]:
-    """Per side: min/median/max over the repeats, the set-up the child reported, ours/TRL tokens/s and, on a GPU,
-    peak GPU memory and MFU (see ``common.training_flops_per_token``)."""
+              prepared: dict[str, Any], matmul_peak: dict[str, Any]) -> dict[str, Any]:
+    """Per side: min/median/max over the repeats, the set-up the child reported, ours/TRL tokens/s, MFU against
+    the matmul peak measured in this run (see ``common.training_flops_per_token``) and, on a GPU, peak GPU memory
+    and MFU against the GPU's datasheet bf16 peak."""
     summary: dict[str, Any] = {}
     flops_per_token = training_flops_per_token(prepared["n_params"], prepared["n_layers"], prepared["hidden_size"],
                                                prepared["tokens_per_sample"])
@@ -190,6 +191,8 @@ def summarize(args: argparse.Namespace, raw: dict[str, list[dict]], runs: dict[s
             peak = args.peak_tflops or peak_tflops(device_name)
             s["mfu"] = {"device": device_name, "peak_tflops": peak, "flops_per_token": flops_per_token,
                         **({k: mfu(v, flops_per_token, peak) for k, v in s["tokens_per_s"].items()} if peak else {})}
+        s["mfu_measured_peak"] = {k: mfu(v, flops_per_token, matmul_peak["tflops"])
+                                  for k, v in s["tokens_per_s"].items()}
         s["step_s"] = mmm([r["step_s_median"] for r in runs[side]])
         s["in_hooks_s"] = mmm([r["in_hooks_s_median"] for r in runs[side]])
         info = raw[side][0]
@@ -219,9 +222,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{' (uncommitted changes)' if report['project']['dirty'] else ''}.",
         "",
         "| side | tokens/s min | tokens/s median | tokens/s max | samples/s median | s/step median "
-        "| peak RSS MiB median | ours/TRL tokens/s (median) | ours/TRL per repeat (min-max) |"
-        + (" peak GPU MiB median | MFU (median) |" if cuda else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""),
+        "| peak RSS MiB median | ours/TRL tokens/s (median) | ours/TRL per repeat (min-max) | MFU vs measured peak |"
+        + (" peak GPU MiB median | MFU vs datasheet (median) |" if cuda else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""),
     ]
     for side in cfg["sides"]:
         s = summary[side]
@@ -231,8 +234,15 @@ def markdown(report: dict[str, Any]) -> str:
         paired = f"{ratio['paired']['min']:.2f}-{ratio['paired']['max']:.2f}x" if ratio else "-"
         lines.append(f"| {SIDE_LABEL[side]} | {tps['min']:,.0f} | {tps['median']:,.0f} | {tps['max']:,.0f} | "
                      f"{s['samples_per_s']['median']:.2f} | {s['step_s']['median']:.3f} | "
-                     f"{s['peak_rss_mib']['median']:,.0f} | {ratio_txt} | {paired} |"
+                     f"{s['peak_rss_mib']['median']:,.0f} | {ratio_txt} | {paired} | "
+                     f"{s['mfu_measured_peak']['median']:.1%} |"
                      + (f" {s['peak_cuda_mib']['median']:,.0f} | {fmt_mfu(s['mfu'])} |" if cuda else ""))
+    peak, fpt = report["matmul_peak"], training_flops_per_token(
+        report["prepare"]["n_params"], report["prepare"]["n_layers"], report["prepare"]["hidden_size"],
+        report["prepare"]["tokens_per_sample"])
+    lines += ["", f"MFU vs measured peak: model FLOPs ({fpt / 1e6:,.1f} MFLOP per token: 6N + 12·L·H·T) over the "
+                  f"best {peak['dtype']} {peak['size']}x{peak['size']} matmul timed in this run on {peak['threads']} "
+                  f"threads: {peak['tflops'] * 1e3:,.1f} GFLOP/s."]
     if cuda:
         m = summary[cfg["sides"][0]]["mfu"]
         lines += ["", f"MFU: model FLOPs ({m['flops_per_token'] / 1e6:,.1f} MFLOP per token: 6N + 12·L·H·T) over "
@@ -304,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "config": {**{k: v for k, v in vars(args).items() if not k.startswith("child")}, "max_len": spec["max_len"]},
         "project": project,
         "prepare": prepared,
-        "summary": summarize(args, raw, runs, prepared),
+        "matmul_peak": measured["matmul_peak"],
+        "summary": summarize(args, raw, runs, prepared, measured["matmul_peak"]),
         "runs": runs,
         "discarded_contended_runs": measured["discarded"],
     }

@@ -517,6 +517,37 @@ def training_flops_per_token(n_params: int, n_layers: int, hidden_size: int, seq
     return 6.0 * n_params + 12.0 * n_layers * hidden_size * seq_len
 
 
+def forward_flops_per_token(n_params: int, n_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Model FLOPs of one token's forward pass (a third of :func:`training_flops_per_token`): 2N + 4·L·H·T."""
+    return training_flops_per_token(n_params, n_layers, hidden_size, seq_len) / 3.0
+
+
+def measure_matmul_peak(device: str, dtype: str, threads: int, size: int | None = None,
+                        repeats: int = 8) -> dict[str, Any]:
+    """The physical ceiling MFU is measured against: the best TFLOP/s of a large square matmul (2·n³ FLOPs) in
+    the benchmark's dtype, on ``threads`` torch threads (CPU) or the GPU, timed after two warm-up products.
+    A vendor's datasheet peak is not what a 2-core VM delivers; this is (and it runs in the same session as the
+    sides, under the same conditions)."""
+    import torch
+
+    pin_threads(threads)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    n = size or (8192 if device == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=torch_dtype) for _ in range(2))
+    best = float("inf")
+    for i in range(repeats + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            best = min(best, time.perf_counter() - start)
+    return {"tflops": 2 * n**3 / best / 1e12, "size": n, "dtype": dtype, "device": device, "threads": threads,
+            "repeats": repeats}
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops_per_s: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the hardware peak."""
     return tokens_per_s * flops_per_token / (peak_tflops_per_s * 1e12)
@@ -588,7 +619,12 @@ def measure_sides(name: str, script: str, args: argparse.Namespace, spec: dict[s
             raw[side].append(result)
             runs[side].append({**r, "contended": contended})
     check_same_work(runs, raw, args.steps)
-    return {"raw": raw, "runs": runs, "discarded": discarded}
+    if args.device == "cpu":
+        wait_for_quiet(args.max_wait)
+    peak = measure_matmul_peak(args.device, args.dtype, args.threads)
+    print(f"[{name}] measured matmul peak: {peak['tflops'] * 1e3:,.1f} GFLOP/s ({peak['dtype']}, n={peak['size']}, "
+          f"{peak['threads']} threads)", flush=True)
+    return {"raw": raw, "runs": runs, "discarded": discarded, "matmul_peak": peak}
 
 
 def paired_ratio(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], key: str) -> dict[str, Any]:

@@ -56,6 +56,9 @@ def comparison_rows(name: str, report: dict[str, Any], unit: str) -> list[dict[s
                "trl_peak_rss_mib": report["summary"][trl_side]["peak_rss_mib"]["median"],
                "ours_peak_cuda_mib": median_of_runs(report, side, "peak_cuda_mib"),
                "trl_peak_cuda_mib": median_of_runs(report, trl_side, "peak_cuda_mib")}
+        if "mfu_measured_peak" in s:
+            row["ours_mfu_measured"] = s["mfu_measured_peak"]["median"]
+            row["trl_mfu_measured"] = report["summary"][trl_side]["mfu_measured_peak"]["median"]
         if "mfu" in s:
             row["ours_mfu"] = s["mfu"].get("median")
             row["trl_mfu"] = report["summary"][trl_side]["mfu"].get("median")
@@ -75,13 +78,16 @@ def markdown(summary: dict[str, Any]) -> str:
              f"{summary['date']}; {summary['machine']}. Command: `{summary['command']}`. Per-benchmark details: "
              + ", ".join(f"`{Path(p).name}`" for p in summary["reports"].values()) + ".", "",
              "| benchmark | our side | TRL side | ours | TRL | ours/TRL (median) | per repeat (min-max) "
-             "| peak RSS MiB ours / TRL |" + (" peak GPU MiB ours / TRL | MFU ours / TRL |" if cuda else ""),
-             "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else "")]
+             "| peak RSS MiB ours / TRL | MFU vs measured matmul peak ours / TRL |"
+             + (" peak GPU MiB ours / TRL | MFU vs datasheet ours / TRL |" if cuda else ""),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else "")]
     for r in summary["rows"]:
         unit = UNIT_LABEL[r["unit"]]
         line = (f"| {r['benchmark']} ({unit}) | {r['ours']} | {r['trl']} | {fmt(r['ours_value'])} | "
                 f"{fmt(r['trl_value'])} | **{r['ratio']:.2f}x** | {r['ratio_min']:.2f}-{r['ratio_max']:.2f}x | "
-                f"{r['ours_peak_rss_mib']:,.0f} / {r['trl_peak_rss_mib']:,.0f} |")
+                f"{r['ours_peak_rss_mib']:,.0f} / {r['trl_peak_rss_mib']:,.0f} | "
+                + (f"{r['ours_mfu_measured']:.1%} / {r['trl_mfu_measured']:.1%} |"
+                   if r.get("ours_mfu_measured") is not None else "- |"))
         if cuda:
             gpu = (f"{r['ours_peak_cuda_mib']:,.0f} / {r['trl_peak_cuda_mib']:,.0f}"
                    if r["ours_peak_cuda_mib"] is not None and r["trl_peak_cuda_mib"] is not None else "-")

@@ -6,8 +6,9 @@
 - **Non-finite loss or gradient**: the optimizer step is skipped (parameters and optimizer state unchanged), a
   warning names the step, and ``train/skipped_steps`` counts such steps. Plain strategies: the gradients are checked
   after backward (``on_before_optimizer_step``, after any ``manual_backward`` too) and dropped, so the optimizer
-  step changes nothing. DeepSpeed ZeRO: the engine holds the gradients; it checks their norm itself and skips the
-  step (fp32, bf16 with ``check_grad_overflow``, the default, and fp16), and the guard counts its skipped steps.
+  step changes nothing (DeepSpeed stage 0 in fp32 too). DeepSpeed ZeRO (and stage 0's bf16/fp16 optimizers): the
+  engine holds the gradients; it checks their norm itself and skips the step (fp32, bf16 with
+  ``check_grad_overflow``, the default, and fp16), and the guard counts its skipped steps.
   ``max_nonfinite_steps`` skipped steps in a row stop the run: a checkpoint of the last good weights is written
   (``diverged-step=N.ckpt`` next to the other checkpoints) and :class:`TrainingDivergedError` names it.
 - **Loss spike** (automatic optimization: SFT, reward model, DPO family): with ``loss_spike_factor`` set, a loss
@@ -57,8 +58,13 @@ def is_spike(loss: float, history: list[float], factor: float, warmup: int) -> b
 
 
 def _engine(trainer: pl.Trainer) -> Any | None:
-    """The DeepSpeed engine if the strategy has one (it then owns the gradients and skips bad steps itself)."""
-    return trainer.strategy.deepspeed_engine if isinstance(trainer.strategy, DeepSpeedStrategy) else None
+    """The DeepSpeed engine if it owns the gradients and skips bad steps itself: ZeRO, or a bf16/fp16 optimizer
+    wrapper. DeepSpeed stage 0 in fp32 (one process, see :mod:`rlhf_lightning.strategies`) steps the plain torch
+    optimizer on the parameters' own gradients with no overflow check, so it takes the plain strategies' path."""
+    engine = trainer.strategy.deepspeed_engine if isinstance(trainer.strategy, DeepSpeedStrategy) else None
+    if engine is None or engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return engine
+    return None
 
 
 class DivergenceGuard(Callback):

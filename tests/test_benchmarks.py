@@ -22,8 +22,33 @@ def test_mfu_by_hand():
     assert common.peak_tflops("Some Future GPU") is None
 
 
+def test_forward_flops_and_the_measured_matmul_peak():
+    # The forward pass is a third of training's 6N + 12·L·H·T: 2N + 4·L·H·T.
+    assert common.forward_flops_per_token(10**9, 16, 2048, 1024) == pytest.approx(2e9 + 4 * 16 * 2048 * 1024)
+    peak = common.measure_matmul_peak("cpu", "fp32", threads=1, size=256, repeats=2)
+    assert peak["size"] == 256 and 1e-4 < peak["tflops"] < 100  # a real timing, between 0.1 GFLOP/s and 100 TFLOP/s
+
+
+def test_dpo_and_grpo_count_the_model_flops_each_side_does():
+    import bench_dpo
+    import bench_grpo
+
+    prepared = {"n_params": 1000, "n_layers": 2, "hidden_size": 8, "tokens_per_sequence": 10}
+    train, forward = 6 * 1000 + 12 * 2 * 8 * 10, 2 * 1000 + 4 * 2 * 8 * 10
+    assert bench_dpo.flops_per_token(prepared, "ours-cached-auto") == pytest.approx(train)
+    assert bench_dpo.flops_per_token(prepared, "trl-live") == pytest.approx(train + forward)
+    # 2 prompts of 4 tokens, 3 samples each, 5 new tokens: prefill 2 x 4 tokens once, 6 x 5 decoded tokens, and
+    # training over 6 sequences of 9 tokens.
+    args = type("Args", (), {"prompt_len": 4, "max_new_tokens": 5, "prompts_per_step": 2, "n_samples": 3})()
+    flops = bench_grpo.step_flops(args, prepared)
+    fwd9, train9 = 2 * 1000 + 4 * 2 * 8 * 9, 6 * 1000 + 12 * 2 * 8 * 9
+    assert flops["generate"] == pytest.approx(fwd9 * (2 * 4 + 6 * 5))
+    assert flops["train"] == pytest.approx(train9 * 6 * 9) and flops["step"] == flops["generate"] + flops["train"]
+
+
 def side(value, rss, unit="tokens_per_s", ratio=None, mfu=None):
-    summary = {unit: {"min": value, "median": value, "max": value}, "peak_rss_mib": {"median": rss}}
+    summary = {unit: {"min": value, "median": value, "max": value}, "peak_rss_mib": {"median": rss},
+               "mfu_measured_peak": {"median": value / 1000}}
     if ratio:
         summary["ratio_vs_trl"] = ratio
     if mfu is not None:
@@ -45,6 +70,6 @@ def test_summary_rows_and_table_pair_each_of_our_sides_with_its_trl_counterpart(
                "config": {"model": "tiny", "device": "cuda", "dtype": "bf16"}, "reports": {"sft": "a/sft.json"},
                "rows": rows}
     table = run_all.markdown(summary)
-    assert "| sft (tokens/s) | ours-auto | trl | 150.0 | 100.0 | **1.50x** | 1.40-1.60x | 900 / 1,000 | 11 / 20 " \
-           "| 30.0% / 20.0% |" in table
+    assert "| sft (tokens/s) | ours-auto | trl | 150.0 | 100.0 | **1.50x** | 1.40-1.60x | 900 / 1,000 " \
+           "| 15.0% / 10.0% | 11 / 20 | 30.0% / 20.0% |" in table
     assert "| dpo (pairs/s) | ours-cached-auto | trl-cached |" in table and "2026-11-27; test machine" in table

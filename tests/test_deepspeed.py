@@ -40,6 +40,24 @@ def test_zero2_two_ranks_match_single_process_gradients(tmp_path, tiny_model_dir
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_one_process_zero2_trains_as_stage_0_with_the_same_adamw_steps(tmp_path, tiny_model_dir, capsys):
+    """One process, ZeRO-2 config, no offload: DeepSpeed stage 0 (no partitioning overhead), with the same AdamW
+    steps (clipped at norm 1) as real ZeRO-2 (``zero_on_one_process: true``); the log says which one ran."""
+    runs = {"stage0": [], "zero2": ["--trainer.strategy.init_args.zero_on_one_process", "true"]}
+    clip = ["--trainer.gradient_clip_val", "1.0", "--trainer.max_steps", "5", "--data.init_args.shuffle", "false"]
+    for name, extra in runs.items():
+        run_cli(base_args(tmp_path / name, tiny_model_dir) + strategy_args(2) + clip + extra)
+        assert ("training as stage 0" in capsys.readouterr().err) == (name == "stage0")
+    a, b = load_weights(tmp_path / "stage0/hf"), load_weights(tmp_path / "zero2/hf")
+    start = load_weights(tiny_model_dir)
+    assert not torch.equal(a["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    # the optimizer state lives in the stage-0 model states file, not in ZeRO partitions
+    assert not list((tmp_path / "stage0/checkpoints/last.ckpt/checkpoint").glob("*optim_states.pt"))
+    assert list((tmp_path / "zero2/checkpoints/last.ckpt/checkpoint").glob("*optim_states.pt"))
+
+
 def test_zero2_offload_single_process(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "z2"
     run_cli(base_args(run_dir, tiny_model_dir) + strategy_args(2, offload=True) + ["--trainer.max_steps", "6"])

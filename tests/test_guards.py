@@ -99,8 +99,8 @@ def test_crash_while_saving_a_deepspeed_checkpoint_keeps_the_previous_one(tmp_pa
 
     def dies_half_way(self, save_dir, *a, **kw):
         real_save(self, save_dir, *a, **kw)
-        optim = next(Path(save_dir).glob("checkpoint/*optim_states.pt"))
-        optim.write_bytes(optim.read_bytes()[:100])  # a torn write
+        states = next(Path(save_dir).glob("checkpoint/*_states.pt"))  # model (and, at stage 0, optimizer) states
+        states.write_bytes(states.read_bytes()[:100])  # a torn write
         raise OSError("No space left on device")
 
     monkeypatch.setattr(deepspeed.DeepSpeedEngine, "save_checkpoint", dies_half_way)

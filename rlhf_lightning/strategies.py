@@ -36,6 +36,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeed
 from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lightning.checkpointing import partial_path, remove_path, swap_into_place
+from rlhf_lightning.errors import ConfigError
 
 
 class DeepSpeedStrategy(LightningDeepSpeedStrategy):
@@ -170,6 +171,30 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
             engine.enable_backward_allreduce = False  # averaging over one process: a copy of every gradient
         return engine, optimizer
+
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        self.check_checkpoint_layout(Path(checkpoint_path))
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
+    def check_checkpoint_layout(self, path: Path) -> None:
+        """Refuse, with the option to change, a checkpoint whose optimizer state is laid out for the other engine
+        mode: ZeRO partitions (``*optim_states.pt``) resumed as one-process stage 0, or the reverse; DeepSpeed
+        itself fails on either with a bare ``KeyError`` or a missing-file error."""
+        engine = self.deepspeed_engine
+        if engine is None or not path.is_dir() or not self.lightning_module.trainer.training:
+            return
+        partitioned = any(path.glob("*/*optim_states.pt"))
+        expects_partitioned = bool(engine.zero_optimization() or engine.bfloat16_enabled())
+        if partitioned and not expects_partitioned:
+            raise ConfigError(
+                f"{path} holds ZeRO-partitioned optimizer state, but this one-process run trains as DeepSpeed stage 0 "
+                "(see trainer.strategy.init_args.zero_on_one_process): resume it with --trainer.strategy.init_args."
+                "zero_on_one_process true, with the number of processes that wrote it.")
+        if expects_partitioned and not partitioned:
+            raise ConfigError(
+                f"{path} was written by a one-process DeepSpeed stage-0 run (no ZeRO partitions), but this run "
+                "expects ZeRO-partitioned optimizer state: resume it on one process without "
+                "trainer.strategy.init_args.zero_on_one_process.")
 
     def micro_batch_boundary(self, last: bool) -> None:
         """Call before each micro-batch's forward under manual optimization.

@@ -56,6 +56,13 @@ def test_one_process_zero2_trains_as_stage_0_with_the_same_adamw_steps(tmp_path,
     # the optimizer state lives in the stage-0 model states file, not in ZeRO partitions
     assert not list((tmp_path / "stage0/checkpoints/last.ckpt/checkpoint").glob("*optim_states.pt"))
     assert list((tmp_path / "zero2/checkpoints/last.ckpt/checkpoint").glob("*optim_states.pt"))
+    # Resuming one layout in the other mode is refused with the option to change, before any step runs.
+    for name in runs:
+        other = runs["zero2" if name == "stage0" else "stage0"]
+        with pytest.raises(SystemExit):
+            run_cli(base_args(tmp_path / name, tiny_model_dir) + strategy_args(2) + clip + other
+                    + ["--trainer.max_steps", "7", "--ckpt_path", "last"])
+        assert "zero_on_one_process" in capsys.readouterr().err
 
 
 def test_zero2_offload_single_process(tmp_path, tiny_model_dir):

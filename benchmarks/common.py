@@ -36,7 +36,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_SUBDIR = Path("rlhf_lightning") / "assets" / "tiny-llama"  # bundled tokenizer + config (vocab 1024)
 SEED = 42
 ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
-       "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+       "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+       "USE_HUB_KERNELS": "0"}  # both sides: torch layers, not kernels fetched from the hub (none offline)
 
 
 # ------------------------------------------------------------------------------------------------- child helpers

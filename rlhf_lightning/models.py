@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -233,11 +234,24 @@ def load_causal_lm(
         log.info("'%s' has no weights: initialising %s randomly from its config, as asked", path, config.model_type)
         model = auto_class.from_config(config, **kwargs)
     else:
-        model = auto_class.from_pretrained(path, config=config, **kwargs)
+        model = auto_class.from_pretrained(path, config=config, **kwargs, **hub_kernels_kwargs())
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def hub_kernels_kwargs() -> dict[str, Any]:
+    """``use_kernels=False`` for ``from_pretrained``, unless the user set ``USE_HUB_KERNELS`` (then transformers
+    decides, as it documents).
+
+    Recent transformers (5.2x) replace layers such as rotary embeddings with kernels downloaded from the Hugging
+    Face hub by default when a model loads on a GPU. On an offline cluster node that download fails and the model
+    does not load at all; online, the code that runs depends on what the hub serves that day. The torch layers
+    are the reproducible default; ``USE_HUB_KERNELS=1`` opts in."""
+    if os.environ.get("USE_HUB_KERNELS") is not None or not hasattr(PreTrainedModel, "set_use_kernels"):
+        return {}
+    return {"use_kernels": False}
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -56,3 +56,18 @@ def test_directory_without_config_names_the_option(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(MissingPathError, match=r"model\.init_args\.model='.*' is a directory transformers cannot load"):
         load_causal_lm(str(tmp_path))
+
+
+def test_hub_kernels_are_off_unless_asked_for(tiny_model_dir, monkeypatch):
+    """transformers 5.2x swaps layers for kernels fetched from the hub by default; on an offline GPU node that fetch
+    fails and the model does not load (seen on an H200 here). Loading through the project keeps the torch layers;
+    ``USE_HUB_KERNELS=1`` hands the choice back to transformers."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    if not hasattr(PreTrainedModel, "set_use_kernels"):
+        pytest.skip("this transformers has no hub kernels")
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    assert AutoModelForCausalLM.from_pretrained(tiny_model_dir).use_kernels  # transformers' own default: on
+    assert not load_causal_lm(str(tiny_model_dir)).use_kernels
+    monkeypatch.setenv("USE_HUB_KERNELS", "1")
+    assert load_causal_lm(str(tiny_model_dir)).use_kernels

@@ -35,13 +35,17 @@ def is_packed(batch: dict[str, torch.Tensor]) -> bool:
 def forward_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool | None]:
     """Keyword arguments of the model's forward pass for a padded or packed batch.
 
+    Always ``use_cache=False``: a loss or scoring forward needs no KV cache, and building one costs a copy of every
+    layer's keys and values plus, per layer, a host-to-device tensor that stalls a GPU's queue (transformers'
+    ``DynamicCache`` initialisation; with it SFT ran at 0.82x TRL's speed on an H200).
+
     Packed rows go without an attention mask and with ``use_cache=False``: transformers then builds the
     block-diagonal causal mask from the restarting ``position_ids`` (flash-attention: varlen from the same
     ``position_ids``); with a cache object it skips that detection and samples would attend to each other."""
     if is_packed(batch):
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None,
                 "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:

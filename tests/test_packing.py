@@ -233,3 +233,28 @@ def test_packed_dpo_fit_with_cached_reference_rises_margin(tmp_path, tiny_model_
     losses, margins = metric_series(rows, "train/loss"), metric_series(rows, "train/margin")
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 and sum(margins[-3:]) > sum(margins[:3]), (losses, margins)
+
+
+def test_loss_and_score_forwards_build_no_kv_cache(tiny_model_dir, monkeypatch):
+    """A loss or scoring forward must not build transformers' KV cache (its default): the cache copies every
+    layer's keys and values and, per layer, creates a device tensor from the host, which stalls a GPU's queue
+    (SFT ran at 0.82x TRL on an H200 with it)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.cache_utils import Cache
+
+    from rlhf_lightning.algorithms.reward_model import last_token_rewards
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a KV cache was built in a loss/scoring forward")
+
+    monkeypatch.setattr(Cache, "update", refuse)
+    collate = SFTCollator(pad_token_id=0)
+    batch = collate([{"input_ids": list(range(10, 22)), "labels": [-100] * 4 + list(range(14, 22))},
+                     {"input_ids": list(range(40, 49)), "labels": list(range(40, 49))}])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    label_log_probs(model, batch).sum().backward()  # the SFT/DPO path: backbone + chunked head
+    sequence_logps(model, collate([{"input_ids": list(range(5, 15)), "labels": list(range(5, 15))}]))
+    scorer = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    last_token_rewards(scorer, batch["input_ids"], batch["attention_mask"])
+    with pytest.raises(AssertionError, match="KV cache"):  # the check itself bites on a default forward
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -355,7 +355,8 @@ class PPO(RLHFModule):
 
     def values_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Critic values (N, L); position t is the value of the state that predicts token t + 1."""
-        hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state
         return score_head(self.critic)(hidden).squeeze(-1).float()
 
     @torch.no_grad()
@@ -396,7 +397,7 @@ class PPO(RLHFModule):
         need_old_logps = not self.reuses_update_log_probs
         for sl in self.micro_slices(len(responses)):
             if need_old_logps:
-                logits = self.model(input_ids=input_ids[sl], attention_mask=attention_mask[sl]).logits
+                logits = self.model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], use_cache=False).logits
                 old_logps.append(token_log_probs(logits, shift_labels(labels[sl]), self.logp_temperature))
             if self.critic is not None:
                 values.append(self.values_of(input_ids[sl], attention_mask[sl]) * mask[sl])
@@ -551,7 +552,8 @@ class PPO(RLHFModule):
     def micro_batch_loss(self, exp: dict[str, torch.Tensor], sl: slice) -> tuple[torch.Tensor, dict[str, Any]]:
         hp = self.hparams
         mask = exp["mask"][sl]
-        logits = self.model(input_ids=exp["input_ids"][sl], attention_mask=exp["attention_mask"][sl]).logits
+        logits = self.model(input_ids=exp["input_ids"][sl], attention_mask=exp["attention_mask"][sl],
+                            use_cache=False).logits
         if self.logp_temperature != 1.0:  # scaled once, for log-probs and entropy alike
             logits = logits / self.logp_temperature
         logps = token_log_probs(logits, shift_labels(exp["labels"][sl]))

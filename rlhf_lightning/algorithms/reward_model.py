@@ -36,7 +36,7 @@ def score_head(model: nn.Module) -> nn.Module:
 
 def last_token_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward of each right-padded sequence, read at its last attended token: (B, T) -> (B,)."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     last = attention_mask.sum(-1) - 1
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return score_head(model)(pooled).squeeze(-1).float()

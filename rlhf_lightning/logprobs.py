@@ -20,7 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhf_lightning.losses import IGNORE_INDEX, segment_sums, selective_log_probs, shift_labels, token_log_probs
+from rlhf_lightning.losses import (
+    IGNORE_INDEX,
+    entropy_from_logits,
+    segment_sums,
+    selective_log_probs,
+    selective_log_probs_and_entropy,
+    shift_labels,
+    token_log_probs,
+)
 
 LOGPROB_CHUNK_SIZE = 1024  # response tokens per LM-head chunk: 1024 × 49k vocab × 4 B ≈ 200 MB of logits
 # Config keys under which a model's logits are not plain ``lm_head(hidden)`` (Gemma 2/3, Cohere, Granite...)
@@ -95,9 +103,51 @@ def label_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], temperatur
     hidden = backbone(**forward_inputs(batch)).last_hidden_state
     mask = labels != IGNORE_INDEX
     picked = selective_log_probs(hidden[mask], head, labels[mask], chunk_size, temperature)
-    out = picked.new_zeros(labels.shape)
-    out[mask] = picked
+    return scatter_positions(picked, mask)
+
+
+def label_log_probs_and_entropy(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                                chunk_size: int = LOGPROB_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`label_log_probs` and the entropy of the next-token distribution at the same (labelled) positions,
+    both (B, T) with 0 elsewhere, from one pass of the LM head over the response (the PPO/GRPO update)."""
+    labels = shift_labels(batch["labels"])
+    mask = labels != IGNORE_INDEX
+    parts = lm_parts(model)
+    if parts is None:
+        logits = model(**forward_inputs(batch)).logits
+        if temperature != 1.0:
+            logits = logits / temperature
+        return token_log_probs(logits, labels), entropy_from_logits(logits) * mask
+    backbone, head = parts
+    hidden = backbone(**forward_inputs(batch)).last_hidden_state
+    log_probs, entropy = selective_log_probs_and_entropy(hidden[mask], head, labels[mask], chunk_size, temperature)
+    return scatter_positions(log_probs, mask), scatter_positions(entropy, mask)
+
+
+def scatter_positions(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Values of the ``mask`` positions (N,) back into a zero tensor of the mask's shape (B, T)."""
+    out = values.new_zeros(mask.shape)
+    out[mask] = values
     return out
+
+
+def pack_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-padded rows (``input_ids``, ``attention_mask``, ``labels``) -> one packed row in the
+    layout of :mod:`rlhf_lightning.data.packing`, built on the batch's device. Each row's first token gets label
+    -100 (nothing predicts it: in the padded layout the shift drops it, in the packed one the previous row would
+    predict it). :func:`unpack_rows` maps per-position results back."""
+    keep = batch["attention_mask"].bool()
+    positions = (keep.long().cumsum(-1) - 1)[keep]
+    labels = batch["labels"][keep].masked_fill(positions == 0, IGNORE_INDEX)
+    rows = torch.arange(keep.shape[0], device=keep.device)
+    return {"input_ids": batch["input_ids"][keep][None], "position_ids": positions[None], "labels": labels[None],
+            "segment_ids": rows.repeat_interleave(keep.sum(-1))[None]}
+
+
+def unpack_rows(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position ``values`` of a packed row (1, N) back into the padded layout (B, T) of ``attention_mask``,
+    0 at padding: position t of row b predicts that row's token t + 1 in both layouts."""
+    return scatter_positions(values[0], attention_mask.bool())
 
 
 def per_sequence(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -50,20 +50,30 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     return logps.masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
+def map_head_chunks(per_chunk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                    labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``per_chunk(h, y)`` over ``chunk_size`` rows of ``hidden`` (N, H) and ``labels`` (N,) at a time, results
+    concatenated along their last dimension. With gradients, each chunk is recomputed in backward (activation
+    checkpointing) instead of keeping its (chunk_size, V) logits for the softmax gradient: one more head matmul per
+    chunk, and the memory bound holds in backward too."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.shape[0] <= chunk_size:
+        return per_chunk(hidden, labels)
+    recompute = torch.is_grad_enabled()
+    return torch.cat([checkpoint(per_chunk, h, y, use_reentrant=False) if recompute else per_chunk(h, y)
+                      for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size), strict=True)], dim=-1)
+
+
 def selective_log_probs(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
                         chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
     """``log softmax(lm_head(h) / T)[label]`` for ``N`` hidden states (N, H) and their labels (N,) -> (N,).
 
     The LM head is applied to the given positions only (callers pass the response positions), ``chunk_size`` rows
-    at a time, so at most a (chunk_size, V) block of logits exists at once instead of (tokens, V): the idea of TRL's
-    ``selective_log_softmax`` and Liger's chunked cross-entropy, here for any head. With gradients, each chunk is
-    recomputed in backward (activation checkpointing) instead of keeping its logits for the softmax gradient, which
-    costs one more head matmul per chunk and keeps the memory bound in backward too. Values and gradients equal
-    :func:`token_log_probs` on the full logits.
+    at a time (:func:`map_head_chunks`), so at most a (chunk_size, V) block of logits exists at once instead of
+    (tokens, V): the idea of TRL's ``selective_log_softmax`` and Liger's chunked cross-entropy, here for any head.
+    Values and gradients equal :func:`token_log_probs` on the full logits.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-
     def chunk_log_probs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = lm_head(h)
         if temperature != 1.0:
@@ -71,11 +81,28 @@ def selective_log_probs(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], 
         logits = upcast_half(logits)
         return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
-    if hidden.shape[0] <= chunk_size:
-        return chunk_log_probs(hidden, labels)
-    recompute = torch.is_grad_enabled()
-    return torch.cat([checkpoint(chunk_log_probs, h, y, use_reentrant=False) if recompute else chunk_log_probs(h, y)
-                      for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size), strict=True)])
+    return map_head_chunks(chunk_log_probs, hidden, labels, chunk_size)
+
+
+def selective_log_probs_and_entropy(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor],
+                                    labels: torch.Tensor, chunk_size: int = 1024,
+                                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`selective_log_probs` and, from the same chunk of logits, the entropy of each position's next-token
+    distribution (as :func:`entropy_from_logits`): (N, H), (N,) -> ((N,), (N,)). The PPO update needs both; the
+    entropy costs one softmax per chunk and no second head matmul."""
+    def chunk_stats(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(h)
+        if temperature != 1.0:
+            logits = logits / temperature
+        logits = upcast_half(logits)
+        log_z = torch.logsumexp(logits, dim=-1)
+        log_probs = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - log_z
+        finite = logits.clamp(min=torch.finfo(logits.dtype).min)
+        entropy = log_z - (torch.softmax(logits, dim=-1) * finite).sum(-1)
+        return torch.stack([log_probs, entropy])  # (2, n): chunks concatenate along the last dimension
+
+    log_probs, entropy = map_head_chunks(chunk_stats, hidden, labels, chunk_size)
+    return log_probs, entropy
 
 
 def segment_sums(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:

@@ -221,6 +221,59 @@ def test_label_log_probs_equal_full_logits_path(tiny_model_dir):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_label_log_probs_and_entropy_equal_full_logits_path_values_and_gradients(tiny_model_dir):
+    """The PPO update's path (log-probs and entropy from one chunked pass of the head over the response) equals
+    token_log_probs and entropy_from_logits on the full logits at the sampling temperature, gradients included."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_lightning.logprobs import label_log_probs_and_entropy
+    from rlhf_lightning.losses import entropy_from_logits, token_log_probs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    dm = setup_dm(SFTDataModule, REVERSE / "sft.jsonl", max_samples=4)
+    batch = dm.collate_fn()([dm.train_dataset[i] for i in range(4)])
+    mask = shift_labels(batch["labels"]) != IGNORE_INDEX
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
+
+    def run(full: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        if full:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits / 0.7
+            logps, entropy = token_log_probs(logits, shift_labels(batch["labels"])), entropy_from_logits(logits) * mask
+        else:
+            logps, entropy = label_log_probs_and_entropy(model, batch, temperature=0.7, chunk_size=5)
+        ((logps - 0.1 * entropy) * weights).sum().backward()
+        return logps.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (logps, entropy, grads), (want_logps, want_entropy, want_grads) = run(full=False), run(full=True)
+    torch.testing.assert_close(logps, want_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
+    assert entropy[mask].min() > 0 and (entropy[~mask] == 0).all()
+    for got, want in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_pack_rows_of_a_padded_batch_give_the_padded_log_probs(tiny_model_dir):
+    """PPO's update packs its right-padded micro-batches on the fly (``pack_rows``); unpacked, the log-probs equal
+    the padded forward's at every position, and padding gets 0."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_lightning.data.collate import pad_sequences
+    from rlhf_lightning.logprobs import pack_rows, unpack_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = [(list(range(10, 22)), 5), (list(range(40, 47)), 3), (list(range(60, 69)), 4)]  # (tokens, prompt length)
+    batch = {"input_ids": pad_sequences([ids for ids, _ in rows], 0),
+             "attention_mask": pad_sequences([[1] * len(ids) for ids, _ in rows], 0),
+             "labels": pad_sequences([[IGNORE_INDEX] * n + ids[n:] for ids, n in rows], IGNORE_INDEX)}
+    packed = pack_rows(batch)
+    assert packed["input_ids"].shape == (1, sum(len(ids) for ids, _ in rows))
+    got = unpack_rows(label_log_probs(model, packed), batch["attention_mask"])
+    torch.testing.assert_close(got, label_log_probs(model, batch), atol=1e-5, rtol=1e-5)
+    assert (got[batch["attention_mask"] == 0] == 0).all()
+    assert (got != 0).sum() == sum(len(ids) - n for ids, n in rows)  # every response token, nothing else
+
+
 def test_packed_dpo_fit_with_cached_reference_rises_margin(tmp_path, tiny_model_dir):
     """DPO on packed token-budget batches, reference log-probs precomputed (the cache is keyed by pair index, so
     packed rows read it in their chosen-then-rejected segment order): the loss falls, the reward margin rises."""

@@ -107,27 +107,31 @@ def test_logged_stats_are_means_over_mini_batches(tmp_path, sft_model_dir):
 
 def test_micro_batch_accumulation_matches_one_big_batch(tmp_path, sft_model_dir):
     """Under DeepSpeed, 4 micro-batches of 4 accumulate to the gradient of one batch of 16 (greedy rollouts, SGD;
-    PPO with a critic, and both the policy and the critic are compared). Gradient clipping is off: clipping to a
+    PPO with a critic, and both the policy and the critic are compared), padded or packed (``packing``: each
+    micro-batch one padding-free row, the responses' lengths differ). Gradient clipping is off: clipping to a
     norm would hide a wrong gradient scale (e.g. micro-batch losses summed instead of averaged)."""
     common = ["--trainer.max_steps", "1", "--model.init_args.advantage_estimator", "gae",
               "--model.init_args.n_samples_per_prompt", "1", "--model.init_args.temperature", "0",
               "--model.init_args.kl_coef", "0", "--data.init_args.batch_size", "16",
               "--data.init_args.shuffle", "false", "--model.init_args.max_grad_norm", "null",
               "--model.init_args.optimizer", json.dumps({"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}})]
-    for micro in (16, 4):
-        run_dir = tmp_path / f"micro{micro}"
-        args = rl_args(run_dir, sft_model_dir, *common, "--model.init_args.micro_batch_size", str(micro))
+    for micro, packing in ((16, False), (4, False), (4, True)):
+        run_dir = tmp_path / f"micro{micro}{'-packed' if packing else ''}"
+        args = rl_args(run_dir, sft_model_dir, *common, "--model.init_args.micro_batch_size", str(micro),
+                       "--model.init_args.packing", str(packing).lower())
         callbacks = json.loads(args[args.index("--trainer.callbacks") + 1])
         callbacks.append({"class_path": "rlhf_lightning.callbacks.HFExport",
                           "init_args": {"dirpath": str(run_dir / "critic"), "attribute": "critic"}})
         args[args.index("--trainer.callbacks") + 1] = json.dumps(callbacks)
         run_cli(args)
     for export, start in (("hf", sft_model_dir), ("critic", sft_model_dir)):
-        big, small = load_weights(tmp_path / "micro16" / export), load_weights(tmp_path / "micro4" / export)
+        big = load_weights(tmp_path / "micro16" / export)
         name = "model.embed_tokens.weight"
         assert not torch.equal(load_weights(start)[name], big[name]), export  # the update is not empty
-        for name in big:
-            torch.testing.assert_close(small[name], big[name], atol=1e-5, rtol=1e-4, msg=f"{export}: {name}")
+        for run in ("micro4", "micro4-packed"):
+            small = load_weights(tmp_path / run / export)
+            for name in big:
+                torch.testing.assert_close(small[name], big[name], atol=1e-5, rtol=1e-4, msg=f"{run} {export}: {name}")
 
 
 KL_PROBE = """

@@ -37,9 +37,15 @@ from rlhf_lightning.callbacks import gather_state_dict
 from rlhf_lightning.checkpointing import save_named_checkpoint
 from rlhf_lightning.data.collate import IGNORE_INDEX, pad_sequences
 from rlhf_lightning.errors import ConfigError
-from rlhf_lightning.logprobs import label_log_probs
+from rlhf_lightning.logprobs import (
+    forward_inputs,
+    label_log_probs,
+    label_log_probs_and_entropy,
+    pack_rows,
+    unpack_rows,
+)
 from rlhf_lightning.lora import adapters_disabled, merged_state_dict
-from rlhf_lightning.losses import aggregate, entropy_from_logits, policy_loss, shift_labels, token_log_probs, value_loss
+from rlhf_lightning.losses import aggregate, policy_loss, shift_labels, value_loss
 from rlhf_lightning.models import TINY_PRESET
 from rlhf_lightning.rollout.engine import Rollout, RolloutConfig, RolloutWorkerError
 from rlhf_lightning.rollout.rewards import (
@@ -91,6 +97,9 @@ class PPO(RLHFModule):
         ppo_epochs: passes over each rollout.
         mini_batch_size: sequences per optimizer step (default: the whole rollout).
         micro_batch_size: sequences per forward/backward pass.
+        packing: run each micro-batch as one padding-free packed row (position ids restarting per sequence; on a
+            GPU flash-attn's varlen kernel, on CPU sdpa with a block-diagonal mask) in the update and in the
+            rollout's own log-prob/value pass: no compute on padding when response lengths differ.
         clip_low: PPO ratio clip below 1.
         clip_high: PPO ratio clip above 1 (> clip_low = DAPO's clip-higher).
         dual_clip: dual-clip bound for negative advantages (``None`` = off).
@@ -116,7 +125,8 @@ class PPO(RLHFModule):
         kl_in_reward: bool = True, kl_target: float | None = None, kl_horizon: int = 10_000,
         critic_model: str | None = None, critic_learning_rate: float | None = None, gamma: float = 1.0,
         lam: float = 0.95, whiten_advantages: bool = True, ppo_epochs: int = 1, mini_batch_size: int | None = None,
-        micro_batch_size: int = 8, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
+        micro_batch_size: int = 8, packing: bool = False, clip_low: float = 0.2, clip_high: float = 0.2,
+        dual_clip: float | None = None,
         value_clip: float | None = 0.2, value_loss_coef: float = 0.5, entropy_coef: float = 0.0,
         loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean",
         max_grad_norm: float | None = 1.0, rollout: RolloutConfig | None = None, **kwargs: Any,
@@ -353,8 +363,25 @@ class PPO(RLHFModule):
                                      f"(a generation worker restarted since the last weight push?).")
         return responses
 
+    def policy_log_probs(self, micro: dict[str, torch.Tensor],
+                         with_entropy: bool = False) -> tuple[torch.Tensor, ...]:
+        """Log-probs of the response tokens of padded rows (N, L) at the sampling temperature (and, ``with_entropy``,
+        the entropy there), with the LM head on the response positions only, in chunks; packed into one row first
+        under ``packing``."""
+        batch = pack_rows(micro) if self.hparams.packing else micro
+        if with_entropy:
+            out = label_log_probs_and_entropy(self.model, batch, self.logp_temperature)
+        else:
+            out = (label_log_probs(self.model, batch, self.logp_temperature),)
+        return tuple(unpack_rows(v, micro["attention_mask"]) for v in out) if self.hparams.packing else out
+
     def values_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Critic values (N, L); position t is the value of the state that predicts token t + 1."""
+        """Critic values (N, L); position t is the value of the state that predicts token t + 1 (0 at padding
+        under ``packing``)."""
+        if self.hparams.packing:
+            packed = pack_rows({"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids})
+            hidden = self.critic.base_model(**forward_inputs(packed)).last_hidden_state
+            return unpack_rows(score_head(self.critic)(hidden).squeeze(-1).float(), attention_mask)
         hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                         use_cache=False).last_hidden_state
         return score_head(self.critic)(hidden).squeeze(-1).float()
@@ -397,8 +424,8 @@ class PPO(RLHFModule):
         need_old_logps = not self.reuses_update_log_probs
         for sl in self.micro_slices(len(responses)):
             if need_old_logps:
-                logits = self.model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], use_cache=False).logits
-                old_logps.append(token_log_probs(logits, shift_labels(labels[sl]), self.logp_temperature))
+                micro = {"input_ids": input_ids[sl], "attention_mask": attention_mask[sl], "labels": labels[sl]}
+                old_logps.append(self.policy_log_probs(micro)[0])
             if self.critic is not None:
                 values.append(self.values_of(input_ids[sl], attention_mask[sl]) * mask[sl])
         old_logps = torch.cat(old_logps) if old_logps else None
@@ -552,11 +579,8 @@ class PPO(RLHFModule):
     def micro_batch_loss(self, exp: dict[str, torch.Tensor], sl: slice) -> tuple[torch.Tensor, dict[str, Any]]:
         hp = self.hparams
         mask = exp["mask"][sl]
-        logits = self.model(input_ids=exp["input_ids"][sl], attention_mask=exp["attention_mask"][sl],
-                            use_cache=False).logits
-        if self.logp_temperature != 1.0:  # scaled once, for log-probs and entropy alike
-            logits = logits / self.logp_temperature
-        logps = token_log_probs(logits, shift_labels(exp["labels"][sl]))
+        micro = {key: exp[key][sl] for key in ("input_ids", "attention_mask", "labels")}
+        logps, token_entropy = self.policy_log_probs(micro, with_entropy=True)
         old_logps = logps.detach() if exp["old_logps"] is None else exp["old_logps"][sl]
         loss, stats = policy_loss(logps, old_logps, exp["advantages"][sl], mask, hp.clip_low, hp.clip_high,
                                   hp.dual_clip, hp.loss_aggregation)
@@ -565,8 +589,7 @@ class PPO(RLHFModule):
             kl = aggregate(adv.kl_penalty(logps, exp["ref_logps"][sl], hp.kl_estimator), mask, hp.loss_aggregation)
             loss = loss + self.kl_controller.value * kl
             stats["kl_loss"] = kl.detach()
-        with torch.set_grad_enabled(bool(hp.entropy_coef)):  # always logged; differentiated only when used
-            entropy = aggregate(entropy_from_logits(logits), mask, hp.loss_aggregation)
+        entropy = aggregate(token_entropy if hp.entropy_coef else token_entropy.detach(), mask, hp.loss_aggregation)
         if hp.entropy_coef:
             loss = loss - hp.entropy_coef * entropy
         stats["entropy"] = entropy.detach()

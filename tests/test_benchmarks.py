@@ -73,3 +73,20 @@ def test_summary_rows_and_table_pair_each_of_our_sides_with_its_trl_counterpart(
     assert "| sft (tokens/s) | ours-auto | trl | 150.0 | 100.0 | **1.50x** | 1.40-1.60x | 900 / 1,000 " \
            "| 15.0% / 10.0% | 11 / 20 | 30.0% / 20.0% |" in table
     assert "| dpo (pairs/s) | ours-cached-auto | trl-cached |" in table and "2026-11-27; test machine" in table
+
+
+def test_architecture_preset_builds_random_weights_of_that_config(tmp_path, monkeypatch):
+    """``--model smollm2-arch`` (for machines the GGUF cannot reach): the config and tokenizer of a directory
+    (``$RLHF_BENCH_ARCH_DIR``), random weights at the benchmarks' fixed seed, the same on every call."""
+    from transformers import AutoConfig
+
+    from rlhf_lightning.models import TINY_PRESET_DIR
+
+    monkeypatch.setenv("RLHF_BENCH_ARCH_DIR", str(TINY_PRESET_DIR))
+    tokenizer, described = common.build_model(str(REPO), common.SMOLLM2_ARCH, str(tmp_path / "a"))
+    _, again = common.build_model(str(REPO), common.SMOLLM2_ARCH, str(tmp_path / "b"))
+    config = AutoConfig.from_pretrained(TINY_PRESET_DIR)
+    assert described["n_layers"] == config.num_hidden_layers and described["n_params"] > 0
+    assert described["model_config"]["weights"] == f"random, seed {common.SEED}"
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert tokenizer("reverse: a b")["input_ids"]

@@ -132,16 +132,18 @@ def scatter_positions(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def pack_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Right-padded rows (``input_ids``, ``attention_mask``, ``labels``) -> one packed row in the
+    """Right-padded rows (``input_ids``, ``attention_mask``, optional ``labels``) -> one packed row in the
     layout of :mod:`rlhf_lightning.data.packing`, built on the batch's device. Each row's first token gets label
     -100 (nothing predicts it: in the padded layout the shift drops it, in the packed one the previous row would
     predict it). :func:`unpack_rows` maps per-position results back."""
     keep = batch["attention_mask"].bool()
     positions = (keep.long().cumsum(-1) - 1)[keep]
-    labels = batch["labels"][keep].masked_fill(positions == 0, IGNORE_INDEX)
     rows = torch.arange(keep.shape[0], device=keep.device)
-    return {"input_ids": batch["input_ids"][keep][None], "position_ids": positions[None], "labels": labels[None],
-            "segment_ids": rows.repeat_interleave(keep.sum(-1))[None]}
+    packed = {"input_ids": batch["input_ids"][keep][None], "position_ids": positions[None],
+              "segment_ids": rows.repeat_interleave(keep.sum(-1))[None]}
+    if "labels" in batch:
+        packed["labels"] = batch["labels"][keep].masked_fill(positions == 0, IGNORE_INDEX)[None]
+    return packed
 
 
 def unpack_rows(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,13 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     return logps.masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
+def head_logits(lm_head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """``lm_head(hidden) / temperature``: the logits of the distribution sampling at ``temperature`` drew from."""
+    logits = lm_head(hidden)
+    return logits / temperature if temperature != 1.0 else logits
+
+
 def map_head_chunks(per_chunk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                     labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """``per_chunk(h, y)`` over ``chunk_size`` rows of ``hidden`` (N, H) and ``labels`` (N,) at a time, results
@@ -75,10 +82,7 @@ def selective_log_probs(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], 
     Values and gradients equal :func:`token_log_probs` on the full logits.
     """
     def chunk_log_probs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(h)
-        if temperature != 1.0:
-            logits = logits / temperature
-        logits = upcast_half(logits)
+        logits = upcast_half(head_logits(lm_head, h, temperature))
         return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
     return map_head_chunks(chunk_log_probs, hidden, labels, chunk_size)
@@ -89,17 +93,11 @@ def selective_log_probs_and_entropy(hidden: torch.Tensor, lm_head: Callable[[tor
                                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`selective_log_probs` and, from the same chunk of logits, the entropy of each position's next-token
     distribution (as :func:`entropy_from_logits`): (N, H), (N,) -> ((N,), (N,)). The PPO update needs both; the
-    entropy costs one softmax per chunk and no second head matmul."""
+    entropy costs a softmax per chunk and no second head matmul."""
     def chunk_stats(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(h)
-        if temperature != 1.0:
-            logits = logits / temperature
-        logits = upcast_half(logits)
-        log_z = torch.logsumexp(logits, dim=-1)
-        log_probs = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - log_z
-        finite = logits.clamp(min=torch.finfo(logits.dtype).min)
-        entropy = log_z - (torch.softmax(logits, dim=-1) * finite).sum(-1)
-        return torch.stack([log_probs, entropy])  # (2, n): chunks concatenate along the last dimension
+        logits = upcast_half(head_logits(lm_head, h, temperature))
+        log_probs = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return torch.stack([log_probs, entropy_from_logits(logits)])  # (2, n): chunks concatenate along dim -1
 
     log_probs, entropy = map_head_chunks(chunk_stats, hidden, labels, chunk_size)
     return log_probs, entropy

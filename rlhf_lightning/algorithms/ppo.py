@@ -379,7 +379,7 @@ class PPO(RLHFModule):
         """Critic values (N, L); position t is the value of the state that predicts token t + 1 (0 at padding
         under ``packing``)."""
         if self.hparams.packing:
-            packed = pack_rows({"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids})
+            packed = pack_rows({"input_ids": input_ids, "attention_mask": attention_mask})
             hidden = self.critic.base_model(**forward_inputs(packed)).last_hidden_state
             return unpack_rows(score_head(self.critic)(hidden).squeeze(-1).float(), attention_mask)
         hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask,

@@ -75,13 +75,13 @@ def main(args: list[str] | None = None) -> RLHFCLI | None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in COMMANDS:
         return run_command(argv[0], take_verbose_flag(argv[1:]))
-    from rlhf_lightning.cli import RLHFCLI  # here: the other commands start without importing Lightning
+    from rlhf_lightning.cli import RLHFCLI, nested_nulls_as_dicts  # here: the other commands skip Lightning's import
     from rlhf_lightning.strategies import destroy_distributed
 
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
-        sys.argv[1:] = take_verbose_flag(sys.argv[1:])
+        sys.argv[1:] = nested_nulls_as_dicts(take_verbose_flag(sys.argv[1:]))
     else:
-        args = take_verbose_flag(args)
+        args = nested_nulls_as_dicts(take_verbose_flag(args))
     try:
         with user_errors_as_one_line():
             return RLHFCLI(args=args)

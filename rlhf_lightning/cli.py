@@ -15,6 +15,7 @@ Before a subcommand starts anything (model load, DeepSpeed, Ray), a pre-flight c
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -61,6 +62,37 @@ def short_parse_error(message: str) -> str:
             details.append(line)
     text = " ".join(details[1:] + details[:1]) if details and details[0].startswith("(class") else " ".join(details)
     return f"{'.'.join(path)}: {text}" if path else text
+
+
+_SUBCLASS_ROOTS = ("model", "data")
+
+
+def nested_nulls_as_dicts(args: list[str]) -> list[str]:
+    """Rewrite ``--model.init_args.rollout.share_policy null`` as ``--model.init_args.rollout '{"share_policy":
+    null}'``, which means the same and merges the same way with the rest of ``rollout``.
+
+    Why: jsonargparse (4.53) re-parses an option nested two or more levels inside a subclass-mode argument (``model``,
+    ``data``) as ``f"--{key}={value}"`` after loading its value, so ``null`` comes back as the string ``None``: a
+    ``bool | None`` option fails to parse and a ``str | None`` one silently becomes ``"None"``. One level deep
+    (``--model.init_args.lr null``) is not affected and is left alone."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        option, eq, value = arg.partition("=")
+        if not eq and i + 1 < len(args):
+            value = args[i + 1]
+        parts = option[2:].split(".") if option.startswith("--") else []
+        head = 2 if parts[1:2] == ["init_args"] else 1
+        if parts and parts[0] in _SUBCLASS_ROOTS and len(parts) - head >= 2 and value == "null":
+            nested: object = None
+            for key in reversed(parts[head + 1:]):
+                nested = {key: nested}
+            out += ["--" + ".".join(parts[:head + 1]), json.dumps(nested)]
+            i += 1 if eq else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 class RLHFArgumentParser(LightningArgumentParser):

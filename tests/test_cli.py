@@ -50,6 +50,29 @@ def test_several_config_files_and_dotted_overrides(tmp_path, capsys):
     assert "warmup_steps: 7" in out and "max_len: 64" in out
 
 
+def test_null_for_an_option_nested_in_a_dataclass(tmp_path, capsys):
+    """``null`` two levels under ``model`` (a ``bool | None`` and a ``str | None`` field of ``rollout``, an optimizer
+    argument) reaches the config as null, and the other keys set for ``rollout`` are kept (jsonargparse alone turns
+    these into the string ``None``: see ``nested_nulls_as_dicts``)."""
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  init_args:\n    rollout: {share_policy: true, ray_address: 'h:1', backend: ray}\n")
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "-c", str(REPO / "configs/tiny/grpo.yaml"), "-c", str(extra),
+                 "--model.init_args.rollout.share_policy", "null", "--model.init_args.rollout.ray_address=null",
+                 "--model.init_args.optimizer.init_args.weight_decay", "null", "--print_config"])
+    out = capsys.readouterr().out
+    assert "share_policy: null" in out and "ray_address: null" in out and "weight_decay: null" in out
+    assert "backend: ray" in out
+
+
+def test_nested_nulls_as_dicts_leaves_other_options_alone():
+    from rlhf_lightning.cli import nested_nulls_as_dicts
+
+    args = ["fit", "--model.init_args.lr", "null", "--trainer.logger.init_args.x", "null",
+            "--model.init_args.rollout.generation.num_gpus", "1", "--data.init_args.a.b.c=null"]
+    assert nested_nulls_as_dicts(args) == args[:-1] + ["--data.init_args.a", '{"b": {"c": null}}']
+
+
 def test_wandb_logger_offline(tmp_path, tiny_model_dir):
     """WandbLogger through ``--trainer.logger`` writes an offline run. In a child process with every wandb directory
     under ``tmp_path`` and its optional probes (system stats, git, code) off, so a machine without network or a

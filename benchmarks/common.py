@@ -41,10 +41,10 @@ ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARAL
 
 
 # ------------------------------------------------------------------------------------------------- child helpers
-def peak_rss_mib() -> float:
-    """This process's peak resident set size (``VmHWM``) in MiB."""
+def peak_rss_mib(field: str = "VmHWM") -> float:
+    """This process's peak resident set size (``VmHWM``; ``VmRSS``: the current one) in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -102,6 +102,7 @@ class StepLog:
         self.widths: list[int] = []  # padded sequence length of the batch
         self.own_cpu: list[float] = []  # this process's CPU seconds at each step end
         self.busy_cpu: list[float] = []  # the whole machine's busy CPU seconds at each step end
+        self.peak_rss_at_end: list[float] = []  # the process's peak RSS (MiB) so far, at each step end
         self.info: dict[str, Any] = {}
 
     def step_begin(self) -> None:
@@ -109,11 +110,15 @@ class StepLog:
         if not self.own_cpu:
             self.own_cpu.append(time.process_time())
             self.busy_cpu.append(system_busy_s())
+            # where memory stands before any step: imports, model, data, optimizer set-up
+            self.info.update(rss_before_first_step_mib=peak_rss_mib("VmRSS"),
+                             peak_rss_before_first_step_mib=peak_rss_mib())
 
     def step_end(self) -> None:
         self.end.append(time.perf_counter())
         self.own_cpu.append(time.process_time())
         self.busy_cpu.append(system_busy_s())
+        self.peak_rss_at_end.append(peak_rss_mib())
 
     def count(self, tokens: int, label_tokens: int, samples: int, width: int) -> None:
         self.tokens.append(int(tokens))
@@ -133,7 +138,7 @@ class StepLog:
     def result(self) -> dict[str, Any]:
         return {"step_begin": self.begin, "step_end": self.end, "own_cpu": self.own_cpu, "busy_cpu": self.busy_cpu,
                 "tokens": self.tokens, "label_tokens": self.label_tokens, "samples": self.samples,
-                "widths": self.widths, **self.info}
+                "widths": self.widths, "peak_rss_at_end": self.peak_rss_at_end, **self.info}
 
 
 def precision_of(dtype: str) -> str:

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
     MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -52,24 +54,26 @@ def generate_responses(model: PreTrainedModel, prompt_ids: list[list[int]], n: i
     generated: the chat command prints them as they come, through this same generation path.
 
     ``prompt_seeds`` (one per prompt, sampling only) makes each prompt's ``n`` samples a function of its own seed
-    alone, whatever else is in the batch (see :class:`RowSeededSampler`): batch generation gives the same samples
-    resumed, sharded over any number of devices or in any batch size.
+    alone, whatever else is in the batch (:func:`row_uniforms`): batch generation gives the same samples resumed,
+    sharded over any number of devices or in any batch size.
 
     ``synced_gpus`` must be set under ZeRO-3 with several ranks, where every rank has to take part in each step.
     Every generation in the project goes through here: rollouts, batch generation, chat, evaluation.
 
+    Sampling draws each token by inverse-CDF (:class:`InverseCdfSampler`) instead of ``generate``'s
+    ``torch.multinomial``: the same distribution, and on a CPU 1.16x the decode tokens/s of SmolLM2-135M at 16 rows
+    (``multinomial`` draws one exponential variate per vocabulary entry per row: 13 ms of a 100 ms step).
+
     Speed: the ``n`` rows of a prompt share one prefill (:func:`shared_prefill`; 1.8x the tokens/s of a plain
-    ``generate`` loop at n=4 on a 26M model, see ``benchmarks/bench_generate.py``). Measured and not kept, on CPU: a
-    static KV cache (slower than the dynamic one uncompiled), the same compiled with inductor (~3 minutes to compile
-    for 135M parameters, then slower still). Not done: dropping finished rows needs a decode loop of our own
+    ``generate`` loop at n=4 on a 26M model, see ``benchmarks/bench_generate.py``). Measured and not kept, on CPU
+    (``benchmarks/bench_decode.py``): a static KV cache (the same speed as the dynamic one), the same compiled with
+    inductor (~3 minutes to compile for 135M parameters, then slower), transformers' continuous batching (0.44x the
+    tokens/s, and a 14 GB paged cache). Not done: dropping finished rows needs a decode loop of our own
     (``generate`` keeps decoding them); on SmolLM2-135M a step of 4 rows costs ~0.65x one of 16 rows (every weight
     is read once per step whatever the rows), so it pays only where response lengths vary widely."""
     device = next(model.parameters()).device
-    row_sampler = None
-    if prompt_seeds is not None and temperature > 0:
-        row_sampler = RowSeededSampler([s for s in prompt_seeds for _ in range(n)], n, max_new_tokens,
-                                       temperature, top_p, top_k, generation_kwargs)
-        temperature, generation_kwargs = 0.0, row_sampler.other_kwargs  # it samples; generate() takes its pick
+    kwargs = dict(generation_kwargs or {})
+    own_sampler = temperature > 0 and InverseCdfSampler.handles(kwargs)
     prompt_ids = [p for p in prompt_ids for _ in range(n)]  # n rows per prompt (greedy allows no n>1)
     width = max(len(p) for p in prompt_ids)
     input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
@@ -78,18 +82,25 @@ def generate_responses(model: PreTrainedModel, prompt_ids: list[list[int]], n: i
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         attention_mask[row, width - len(ids):] = 1
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} \
-        if temperature > 0 else {"do_sample": False}
+        if temperature > 0 and not own_sampler else {"do_sample": False}
+    sampler_kwargs = {key: kwargs.pop(key) for key in InverseCdfSampler.WARPER_KEYS if key in kwargs} \
+        if own_sampler else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids, pad_token_id=pad_token_id,
-                              **sampling, **(generation_kwargs or {}))
+                              **sampling, **kwargs)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     shared = shared_prefill(model, input_ids, attention_mask, n) if can_share_prefill(n, width, config) else {}
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
+        processors = []
+        if own_sampler:  # greedy decoding takes the token it draws
+            uniforms = row_uniforms([s for s in prompt_seeds for _ in range(n)], n, max_new_tokens) \
+                if prompt_seeds is not None else torch.rand(len(prompt_ids), max_new_tokens)
+            processors.append(InverseCdfSampler(uniforms, temperature, top_p, top_k, sampler_kwargs))
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                              streamer=streamer, synced_gpus=synced_gpus, **shared,
-                             logits_processor=LogitsProcessorList([row_sampler] if row_sampler else []))
+                             logits_processor=LogitsProcessorList(processors))
     responses = []
     for row in out[:, width:].tolist():
         end = next((i + 1 for i, t in enumerate(row) if t in eos_token_ids), len(row))
@@ -131,32 +142,47 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(type(base).forward).parameters
 
 
-class RowSeededSampler(LogitsProcessor):
-    """Samples every row from its own random stream, so a row's tokens do not depend on the other rows of the batch.
+class InverseCdfSampler(LogitsProcessor):
+    """Samples the next token of every row by inverse-CDF with a uniform drawn in advance, in greedy mode.
 
-    ``model.generate`` draws one ``torch.multinomial`` for the whole batch, so a prompt's samples change with the
-    batch it lands in (resumed runs, other device counts, other batch sizes). This processor runs last in greedy
-    mode: it applies the sampling warpers transformers itself would (temperature, top-k, top-p, and ``min_p`` /
-    ``typical_p`` from ``generation_kwargs``), draws the token by inverse-CDF sampling with the row's own uniform
-    for this step (pre-drawn from a generator seeded with :func:`row_seed`), and leaves only that token finite,
-    which greedy decoding then takes. The distribution sampled is the one ``do_sample=True`` samples.
+    It runs last among ``generate``'s logits processors (so repetition penalties and the like have applied), applies
+    the sampling warpers transformers itself would (temperature, top-k, top-p, and ``min_p`` / ``typical_p`` /
+    ``epsilon_cutoff`` / ``eta_cutoff`` from ``generation_kwargs``, in transformers' order), picks the token where the
+    row's uniform for this step falls in the cumulative distribution, and leaves only that token finite, which greedy
+    decoding then takes. The distribution sampled is the one ``do_sample=True`` samples.
 
-    ``row_seeds`` has one seed per row: rows ``i*n .. i*n+n-1`` are the ``n`` samples of prompt ``i``."""
+    Why not ``generate``'s own sampling: ``torch.multinomial`` draws an exponential variate for every vocabulary
+    entry of every row at every step (on a CPU, 13 ms of SmolLM2-135M's 100 ms decode step at 16 rows), where this
+    needs one uniform per row; and pre-drawn uniforms can come from a seed per row (:func:`row_uniforms`), so that a
+    row's tokens do not depend on the other rows of its batch.
 
-    def __init__(self, row_seeds: list[int], n: int, max_new_tokens: int, temperature: float, top_p: float,
-                 top_k: int, generation_kwargs: dict[str, Any] | None = None) -> None:
-        kwargs = dict(generation_kwargs or {})
+    ``uniforms`` is (rows, max_new_tokens): rows ``i*n .. i*n+n-1`` are the ``n`` samples of prompt ``i``."""
+
+    WARPER_KEYS = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+    def __init__(self, uniforms: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                 warper_kwargs: dict[str, Any] | None = None) -> None:
+        kwargs = warper_kwargs or {}
         warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
         warpers += [TopKLogitsWarper(top_k)] if top_k else []
         warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
         if kwargs.get("min_p") is not None:
-            warpers.append(MinPLogitsWarper(kwargs.pop("min_p")))
+            warpers.append(MinPLogitsWarper(kwargs["min_p"]))
         if kwargs.get("typical_p") is not None and kwargs["typical_p"] < 1.0:
-            warpers.append(TypicalLogitsWarper(kwargs.pop("typical_p")))
-        self.warpers, self.other_kwargs = LogitsProcessorList(warpers), kwargs
-        self.uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(
-            row_seed(seed, i % n))) for i, seed in enumerate(row_seeds)])  # (rows, steps)
+            warpers.append(TypicalLogitsWarper(kwargs["typical_p"]))
+        if kwargs.get("epsilon_cutoff") is not None and 0.0 < kwargs["epsilon_cutoff"] < 1.0:
+            warpers.append(EpsilonLogitsWarper(kwargs["epsilon_cutoff"]))
+        if kwargs.get("eta_cutoff") is not None and 0.0 < kwargs["eta_cutoff"] < 1.0:
+            warpers.append(EtaLogitsWarper(kwargs["eta_cutoff"], device=uniforms.device))
+        self.warpers, self.uniforms = LogitsProcessorList(warpers), uniforms
         self.start: int | None = None
+
+    @staticmethod
+    def handles(generation_kwargs: dict[str, Any]) -> bool:
+        """Whether these ``GenerationConfig`` fields ask for plain sampling, which this sampler does; beam search
+        and contrastive search or ``top_h`` go through ``generate``'s own sampling."""
+        beams = (generation_kwargs.get("num_beams") or 1) > 1
+        return not beams and all(generation_kwargs.get(key) is None for key in ("top_h", "penalty_alpha"))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.start is None:
@@ -167,6 +193,13 @@ class RowSeededSampler(LogitsProcessor):
         u = self.uniforms[:, step].to(cdf.device)[:, None] * cdf[:, -1:]
         picked = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)
         return torch.full_like(scores, float("-inf")).scatter(-1, picked, 0.0)
+
+
+def row_uniforms(row_seeds: list[int], n: int, max_new_tokens: int) -> torch.Tensor:
+    """(rows, max_new_tokens) uniforms, row ``i`` from a generator seeded with :func:`row_seed` of its prompt's seed
+    and its sample index ``i % n``: a row's draws depend on its own seed alone."""
+    return torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(row_seed(seed, i % n)))
+                        for i, seed in enumerate(row_seeds)])
 
 
 def row_seed(prompt_seed: int, sample: int) -> int:

@@ -46,7 +46,7 @@ STAGES = ["sft", "rm", "ppo", "dpo", "grpo", "rejection_sampling", "conditional_
 EXTRA_STAGES = ["kto", "simpo", "orpo"]  # not in the default run: --stages kto simpo orpo (after sft)
 # --quick: the same recipe with fewer updates, still enough for each stage to beat SFT (tests/test_pipeline.py).
 QUICK_OVERRIDES = {
-    "rm": ["--trainer.max_epochs", "4"],
+    "rm": ["--trainer.max_epochs", "6"],
     "ppo": ["--trainer.max_steps", "80"],
     "grpo": ["--trainer.max_steps", "60"],
 }

@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import REPO, child_env, kill_process_group, run_cli, run_cli_subprocess, write_jsonl
 
-from rlhf_lightning.rollout.workers import GenerationWorker, RowSeededSampler
+from rlhf_lightning.generation import InverseCdfSampler, row_uniforms
+from rlhf_lightning.rollout.workers import GenerationWorker
 
 CONFIG = REPO / "configs" / "tiny" / "generate.yaml"
 N_PROMPTS = 39  # odd: two ranks' shards are evened out with a repeated row, which the merge must drop
@@ -160,17 +161,37 @@ def test_two_devices_write_the_same_rows(tmp_path, tiny_model_dir, prompts, refe
     assert json.loads((tmp_path / "ddp.jsonl.meta.json").read_text())["devices"] == 2
 
 
-def test_row_seeded_sampler_matches_the_softmax_distribution():
+def test_inverse_cdf_sampler_matches_the_softmax_distribution():
     """Each row's token comes from its own seed, with the probabilities ``softmax(logits / T)`` (top-k kept)."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     rows = 20_000
-    sampler = RowSeededSampler(list(range(rows)), n=1, max_new_tokens=1, temperature=0.7, top_p=1.0, top_k=4)
+    sampler = InverseCdfSampler(row_uniforms(list(range(rows)), n=1, max_new_tokens=1), temperature=0.7, top_p=1.0,
+                                top_k=4)
     out = sampler(torch.zeros(rows, 3, dtype=torch.long), logits.expand(rows, -1).clone())
     picked = out.argmax(-1)
     assert torch.isfinite(out).sum(-1).eq(1).all()
     expected = torch.softmax(torch.where(torch.arange(6) < 4, logits / 0.7, -torch.inf), -1)
     frequency = torch.bincount(picked, minlength=6).float() / rows
     assert torch.allclose(frequency, expected, atol=0.01) and frequency[4:].sum() == 0
-    again = RowSeededSampler(list(range(100, 200)), n=1, max_new_tokens=1, temperature=0.7, top_p=1.0, top_k=4)
+    again = InverseCdfSampler(row_uniforms(list(range(100, 200)), n=1, max_new_tokens=1), 0.7, 1.0, 4)
     alone = again(torch.zeros(100, 3, dtype=torch.long), logits.expand(100, -1).clone()).argmax(-1)
     assert torch.equal(alone, picked[100:200])  # a row's pick does not depend on the other rows
+
+
+def test_inverse_cdf_sampler_applies_top_p_and_min_p():
+    """top-p 0.8 then min-p 0.3 of the surviving mass, as transformers orders them: only the tokens both keep."""
+    logits = torch.tensor([1.5, 1.0, 0.5, 0.0, -0.5])
+    rows = 20_000
+    sampler = InverseCdfSampler(torch.rand(rows, 1, generator=torch.Generator().manual_seed(0)), temperature=1.0,
+                                top_p=0.8, top_k=0, warper_kwargs={"min_p": 0.3})
+    picked = sampler(torch.zeros(rows, 2, dtype=torch.long), logits.expand(rows, -1).clone()).argmax(-1)
+    probs = logits.softmax(-1)
+    kept = (probs.cumsum(-1) - probs < 0.8) & (probs >= 0.3 * probs.max())  # top-p keeps 0..3; min-p drops 3
+    expected = torch.where(kept, probs, 0.0) / torch.where(kept, probs, 0.0).sum()
+    frequency = torch.bincount(picked, minlength=5).float() / rows
+    assert torch.allclose(frequency, expected, atol=0.01) and frequency[~kept].sum() == 0
+
+
+def test_beam_search_keeps_transformers_sampling():
+    assert InverseCdfSampler.handles({"min_new_tokens": 4, "repetition_penalty": 1.2})
+    assert not InverseCdfSampler.handles({"num_beams": 2}) and not InverseCdfSampler.handles({"penalty_alpha": 0.6})

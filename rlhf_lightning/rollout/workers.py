@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rlhf_lightning.generation import RowSeededSampler, generate_responses  # noqa: F401  (re-exported)
+from rlhf_lightning.generation import generate_responses
 from rlhf_lightning.logprobs import label_log_probs
 from rlhf_lightning.models import load_causal_lm
 

@@ -9,6 +9,8 @@ Tests in ``tests/test_advantages.py`` check every function against its formula.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -190,6 +192,60 @@ def reinforce_baseline_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: 
     centred = _groups(scores, group_size)
     centred = (centred - centred.mean(-1, keepdim=True)).reshape(-1)
     return reinforce_pp_advantages(centred, kl, mask, kl_coef, gamma)
+
+
+# ------------------------------------------------------------------------------------------- the estimator table
+Estimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_baseline"]
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What a rollout gives an estimator: sequence ``scores`` (B,), per-token ``kl`` to the reference and the response
+    ``mask`` (B, T), the critic's ``values`` (B, T; GAE only), the KL coefficient ``beta`` folded into the reward
+    (0 when the KL is a loss term instead), samples per prompt ``group_size``, ``gamma``, ``lam`` and whether GAE
+    advantages are whitened."""
+
+    scores: torch.Tensor
+    kl: torch.Tensor
+    mask: torch.Tensor
+    values: torch.Tensor | None = None
+    beta: float = 0.0
+    group_size: int = 1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+
+    def shaped_scores(self) -> torch.Tensor:
+        """Sequence scores minus β times the sequence's summed KL (the critic-free group estimators' reward)."""
+        return self.scores - self.beta * self.kl.sum(-1)
+
+    def per_token(self, sequence: torch.Tensor) -> torch.Tensor:
+        """A sequence-level advantage (B,) on every response token (B, T)."""
+        return sequence[:, None] * self.mask
+
+
+def _gae_estimator(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    advantages, returns = gae(token_rewards(x.scores, x.kl, x.mask, x.beta), x.values, x.mask, x.gamma, x.lam)
+    return (masked_whiten(advantages, x.mask) if x.whiten else advantages), returns
+
+
+# estimator name -> (AdvantageInputs -> (token advantages (B, T), returns (B, T) for a critic, else None)).
+ESTIMATORS: dict[str, Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor | None]]] = {
+    "gae": _gae_estimator,
+    "grpo": lambda x: (x.per_token(group_advantages(x.shaped_scores(), x.group_size, normalize_std=True)), None),
+    "dr_grpo": lambda x: (x.per_token(group_advantages(x.shaped_scores(), x.group_size, normalize_std=False)), None),
+    "rloo": lambda x: (x.per_token(rloo_advantages(x.shaped_scores(), x.group_size)), None),
+    "reinforce_pp": lambda x: (reinforce_pp_advantages(x.scores, x.kl, x.mask, x.beta, x.gamma), None),
+    "reinforce_baseline": lambda x: (
+        reinforce_baseline_advantages(x.scores, x.kl, x.mask, x.beta, x.group_size, x.gamma), None),
+}
+CRITIC_ESTIMATORS = ("gae",)  # the estimators that need a value model
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")  # compare the samples of one prompt: n >= 2
+
+
+def estimate_advantages(estimator: Estimator, inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-level advantages (B, T) and, for a critic, its returns (B, T): ``ESTIMATORS[estimator](inputs)``."""
+    return ESTIMATORS[estimator](inputs)
 
 
 class AdaptiveKLController:

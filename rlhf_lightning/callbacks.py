@@ -14,33 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.guards import TrainingDivergedError
 from rlhf_lightning.lora import has_lora, merged_state_dict, save_adapter
+from rlhf_lightning.strategies import gather_state_dict
 
 log = logging.getLogger(__name__)
-
-
-def gather_state_dict(module: torch.nn.Module, rank: int, all_ranks: bool = False) -> dict[str, torch.Tensor]:
-    """Full state dict of ``module`` on CPU at ``rank`` 0 (empty elsewhere, unless ``all_ranks``), gathering ZeRO-3
-    partitions one parameter at a time so peak memory stays at one parameter beyond the CPU copy. Call on every
-    rank."""
-    if all_ranks:
-        rank = 0
-    state: dict[str, torch.Tensor] = {}
-    zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
-    if zero3:
-        import deepspeed
-
-    for name, param in module.named_parameters():
-        if zero3:
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if rank == 0:
-                    state[name] = param.detach().cpu().clone()
-        elif rank == 0:
-            state[name] = param.detach().cpu().clone()
-    if rank == 0:
-        for name, buffer in module.named_buffers():
-            if name in module.state_dict():  # persistent buffers only
-                state[name] = buffer.detach().cpu().clone()
-    return state
 
 
 def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:

@@ -213,10 +213,10 @@ class RLHFCLI(LightningCLI):
         self.preflight("fit")
         config = getattr(self.model, "rollout_config", None)
         launching_process = os.environ.get("LOCAL_RANK", "0") == "0"  # Lightning sets LOCAL_RANK in the ranks it spawns
-        if config is not None and config.backend == "ray" and launching_process:
-            from rlhf_lightning.rollout.engine import start_ray
+        if config is not None and launching_process:
+            from rlhf_lightning.rollout.backends import make_backend
 
-            start_ray(config)
+            make_backend(config).start()
 
     def before_validate(self) -> None:
         self.preflight("validate")

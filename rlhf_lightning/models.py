@@ -271,3 +271,19 @@ def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
                                    top_k=0, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
                                    synced_gpus=synced_gpus)
     return tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
+def scalar_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The scalar head of a ``*ForSequenceClassification`` model (``score`` for Llama/Mistral/Qwen/GPT-2...)."""
+    for name in ("score", "classifier"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            return getattr(model, name)
+    raise AttributeError(f"{type(model).__name__} has no 'score' or 'classifier' head.")
+
+
+def last_token_rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward of each right-padded sequence, read at its last attended token: (B, T) -> (B,)."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    last = attention_mask.sum(-1) - 1
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return scalar_head(model)(pooled).squeeze(-1).float()

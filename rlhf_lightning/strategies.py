@@ -244,3 +244,28 @@ def destroy_distributed() -> None:
     for name, value in vars(groups).items():
         if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
             setattr(groups, name, {} if isinstance(value, dict) else None)
+
+
+def gather_state_dict(module: torch.nn.Module, rank: int, all_ranks: bool = False) -> dict[str, torch.Tensor]:
+    """Full state dict of ``module`` on CPU at ``rank`` 0 (empty elsewhere, unless ``all_ranks``), gathering ZeRO-3
+    partitions one parameter at a time so peak memory stays at one parameter beyond the CPU copy. Call on every
+    rank."""
+    if all_ranks:
+        rank = 0
+    state: dict[str, torch.Tensor] = {}
+    zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
+    if zero3:
+        import deepspeed
+
+    for name, param in module.named_parameters():
+        if zero3:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if rank == 0:
+                    state[name] = param.detach().cpu().clone()
+        elif rank == 0:
+            state[name] = param.detach().cpu().clone()
+    if rank == 0:
+        for name, buffer in module.named_buffers():
+            if name in module.state_dict():  # persistent buffers only
+                state[name] = buffer.detach().cpu().clone()
+    return state

@@ -394,3 +394,32 @@ def test_kl_controllers_state_dict_round_trip():
     other = FixedKLController(1.0)
     other.load_state_dict(fixed.state_dict())
     assert other.value == 0.05
+
+
+def test_estimator_table_applies_each_paper_formula():
+    """``estimate_advantages`` by name: the table entry is the formula function on the right inputs (KL folded into
+    the group estimators' sequence reward as ``score − β·ΣKL``, their sequence advantage on every response token)."""
+    from rlhf_lightning.advantages import ESTIMATORS, GROUP_ESTIMATORS, AdvantageInputs, estimate_advantages
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    scores, kl, values = torch.randn(4, dtype=F64), torch.rand(4, 4, dtype=F64) * mask, torch.randn(4, 4, dtype=F64)
+    x = AdvantageInputs(scores, kl, mask, values, beta=0.1, group_size=2, gamma=0.9, lam=0.8, whiten=False)
+    shaped = scores - 0.1 * kl.sum(-1)
+    expected = {
+        "gae": gae(token_rewards(scores, kl, mask, 0.1), values, mask, 0.9, 0.8),
+        "grpo": (group_advantages(shaped, 2)[:, None] * mask, None),
+        "dr_grpo": (group_advantages(shaped, 2, normalize_std=False)[:, None] * mask, None),
+        "rloo": (rloo_advantages(shaped, 2)[:, None] * mask, None),
+        "reinforce_pp": (reinforce_pp_advantages(scores, kl, mask, 0.1, 0.9), None),
+        "reinforce_baseline": (reinforce_baseline_advantages(scores, kl, mask, 0.1, 2, 0.9), None),
+    }
+    assert set(ESTIMATORS) == set(expected) and set(GROUP_ESTIMATORS) < set(ESTIMATORS)
+    for name, (advantages, returns) in expected.items():
+        got_advantages, got_returns = estimate_advantages(name, x)
+        torch.testing.assert_close(got_advantages, advantages)
+        assert (got_returns is None) == (returns is None)
+        if returns is not None:
+            torch.testing.assert_close(got_returns, returns)
+    whitened, _ = estimate_advantages("gae", AdvantageInputs(scores, kl, mask, values, 0.1, 2, 0.9, 0.8, whiten=True))
+    torch.testing.assert_close(whitened, masked_whiten(expected["gae"][0], mask))

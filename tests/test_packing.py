@@ -295,7 +295,7 @@ def test_loss_and_score_forwards_build_no_kv_cache(tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.cache_utils import Cache
 
-    from rlhf_lightning.algorithms.reward_model import last_token_rewards
+    from rlhf_lightning.models import last_token_rewards
 
     def refuse(*args, **kwargs):
         raise AssertionError("a KV cache was built in a loss/scoring forward")

@@ -15,15 +15,9 @@ import yaml
 from conftest import REPO, base_args, metric_series, read_metrics, run_child, run_cli
 
 from rlhf_lightning.errors import ConfigError
-from rlhf_lightning.rollout.engine import (
-    Rollout,
-    RolloutConfig,
-    RolloutWorkerError,
-    WorkerGroup,
-    check_resources,
-    resource_demand,
-    start_ray,
-)
+from rlhf_lightning.rollout.backends import check_resources, resource_demand, start_ray
+from rlhf_lightning.rollout.config import RolloutConfig, RolloutWorkerError, WorkerGroup
+from rlhf_lightning.rollout.engine import Rollout
 
 PROMPTS = REPO / "examples" / "data" / "prompts_tiny.jsonl"
 
@@ -74,7 +68,7 @@ def test_local_cluster_listens_on_loopback_only(local_ray):
     exposed = [x for x in listening if x[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
     assert not exposed, f"Ray listens beyond loopback: {exposed}"
     # The other trainer ranks (processes Lightning launches) still join it through RAY_ADDRESS.
-    join = ("import os, ray; from rlhf_lightning.rollout.engine import join_ray; "
+    join = ("import os, ray; from rlhf_lightning.rollout.backends import join_ray; "
             "join_ray(os.environ['RAY_ADDRESS'], 'test-faults'); print(ray.cluster_resources()['CPU'])")
     out = run_child([sys.executable, "-c", join], timeout=120, env={"RAY_ADDRESS": os.environ["RAY_ADDRESS"]})
     assert float(out.stdout.strip().splitlines()[-1]) > 0

@@ -4,12 +4,10 @@
 
 One ``training_step`` = one rollout and its updates:
 
-1. push the policy's weights to the generation workers if they changed (version-checked);
-2. sample ``n_samples_per_prompt`` responses per prompt on the generation workers;
-3. launch reference log-probs and reward-model scores together, compute rule rewards and (locally, no grad)
-   the old log-probs and values while they run, then wait for both;
-4. score − KL → advantages with the chosen estimator (``rlhf_lightning.advantages``);
-5. ``ppo_epochs`` × mini-batches × micro-batches of clipped policy (+ value) loss, gradients accumulated over
+1. the rollout (:mod:`rlhf_lightning.algorithms.ppo_rollout`, inherited): push the policy's weights to the
+   generation workers if they changed, sample, score with the reference and reward workers while the old log-probs
+   and values are computed here, advantages with the chosen estimator → an ``Experience``;
+2. ``ppo_epochs`` × mini-batches × micro-batches of clipped policy (+ value) loss, gradients accumulated over
    micro-batches (DeepSpeed is told where each accumulation window closes).
 
 Actor and critic train under one optimizer with two parameter groups (DeepSpeed accepts one optimizer), the
@@ -22,45 +20,32 @@ critic gets adapters (and a fully trained value head) too.
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lightning import advantages as adv
+from rlhf_lightning.advantages import Estimator
 from rlhf_lightning.algorithms.base import RLHFModule, model_option, option_errors, require
-from rlhf_lightning.algorithms.reward_model import score_head
-from rlhf_lightning.callbacks import gather_state_dict
-from rlhf_lightning.checkpointing import save_named_checkpoint
-from rlhf_lightning.data.collate import IGNORE_INDEX, pad_sequences
+from rlhf_lightning.algorithms.ppo_rollout import RolloutPhase
 from rlhf_lightning.errors import ConfigError
-from rlhf_lightning.logprobs import (
-    forward_inputs,
-    label_log_probs,
-    label_log_probs_and_entropy,
-    pack_rows,
-    unpack_rows,
-)
-from rlhf_lightning.lora import adapters_disabled, merged_state_dict
-from rlhf_lightning.losses import aggregate, policy_loss, shift_labels, value_loss
-from rlhf_lightning.models import TINY_PRESET
-from rlhf_lightning.rollout.engine import Rollout, RolloutConfig, RolloutWorkerError
+from rlhf_lightning.losses import aggregate, policy_loss, value_loss
+from rlhf_lightning.rollout.backends import make_backend
+from rlhf_lightning.rollout.config import RolloutConfig
+from rlhf_lightning.rollout.engine import Rollout
+from rlhf_lightning.rollout.experience import Experience
 from rlhf_lightning.rollout.rewards import (
     RemoteReward,
-    checked_scores,
-    combine_rewards,
     load_reward_fn,
     source_names,
 )
 from rlhf_lightning.strategies import DeepSpeedStrategy
 
-Estimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_baseline"]
 
-
-class PPO(RLHFModule):
+class PPO(RolloutPhase, RLHFModule):
     """PPO / GRPO / RLOO / REINFORCE++ (see the module docstring for the loop).
 
     Args:
@@ -134,9 +119,7 @@ class PPO(RLHFModule):
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
         self.rollout_config = rollout or RolloutConfig()
-        if self.rollout_config.share_policy and self.rollout_config.backend != "local":  # ZeRO-3: generates_with_policy
-            raise ConfigError("model.init_args.rollout.share_policy: true needs model.init_args.rollout.backend: "
-                              "local (Ray generation actors hold their own copy): set it to null or false.")
+        self.rollout_backend = make_backend(self.rollout_config)  # cheap: the runtime starts in setup
         self.critic: torch.nn.Module | None = None
         self.rollout: Rollout | None = None
         self.policy_version, self.synced_version = 0, 0
@@ -171,7 +154,7 @@ class PPO(RLHFModule):
             ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0, "> 0, or null for off"),
         ):
             require(valid, name, value, requirement)
-        if advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_baseline") and n_samples_per_prompt < 2:
+        if advantage_estimator in adv.GROUP_ESTIMATORS and n_samples_per_prompt < 2:
             raise ConfigError(f"model.init_args.advantage_estimator={advantage_estimator} compares the samples of "
                               f"one prompt: set model.init_args.n_samples_per_prompt >= 2 (got "
                               f"{n_samples_per_prompt}).")
@@ -196,7 +179,7 @@ class PPO(RLHFModule):
 
     @property
     def uses_critic(self) -> bool:
-        return self.hparams.advantage_estimator == "gae"
+        return self.hparams.advantage_estimator in adv.CRITIC_ESTIMATORS
 
     @property
     def uses_reference(self) -> bool:
@@ -247,42 +230,6 @@ class PPO(RLHFModule):
                                           trainable=True)  # with ``lora``: adapters and a trained value head
             self.critic.train()
 
-    def setup(self, stage: str) -> None:
-        if stage != "fit" or self.rollout is not None:
-            return
-        hp, config = self.hparams, self.rollout_config
-        random_init = bool(hp.get("random_init")) or hp.model == TINY_PRESET
-        kwargs = {"dtype": hp.dtype, "attn_implementation": hp.attn_implementation,
-                  "trust_remote_code": hp.trust_remote_code, "random_init": random_init}
-        if random_init:  # the workers' random weights are not the policy's: push the policy before the first rollout
-            self.synced_version = -1
-        if config.backend == "local":
-            kwargs["device"] = str(self.trainer.strategy.root_device.type)
-        reference = (hp.reference_model or hp.model) if self.uses_reference and not self.reference_is_policy_base \
-            else None
-        if isinstance(self.trainer.strategy, DeepSpeedStrategy):  # the engine (built after setup) clips in step()
-            self.trainer.strategy.config["gradient_clipping"] = hp.max_grad_norm or 0.0
-        policy = (lambda: self.model) if self.generates_with_policy() else None
-        make = lambda create: Rollout(config, hp.model, reference, hp.reward_models or [], kwargs, create,  # noqa: E731
-                                      policy_module=policy)
-        if config.backend == "local" or self.global_rank == 0:
-            self.rollout = make(True)
-        self.trainer.strategy.barrier("rollout workers started")
-        if self.rollout is None:
-            self.rollout = make(False)
-
-    def teardown(self, stage: str) -> None:
-        if self.rollout is None:
-            return
-        if self.rollout_config.backend == "ray":
-            import ray
-
-            self.trainer.strategy.barrier("rollout done")
-            if self.global_rank == 0:
-                self.rollout.shutdown()  # kills the actors
-            ray.shutdown()
-        self.rollout = None
-
     def trainable_parameters(self) -> list[dict]:
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
         if self.critic is not None:
@@ -299,180 +246,6 @@ class PPO(RLHFModule):
         per_rollout = math.ceil(self.rollout_size() / (self.hparams.mini_batch_size or self.rollout_size()))
         return int(self.trainer.estimated_stepping_batches) * self.hparams.ppo_epochs * per_rollout
 
-    # -------------------------------------------------------------------------------------------- rollout
-    def sync_weights(self) -> None:
-        """Push the policy to the generation workers if it changed since the last push (with LoRA: merged weights
-        ``W + ΔW`` under the plain model's names, computed from the gathered copy)."""
-        if self.synced_version == self.policy_version:
-            return
-        local = self.rollout_config.backend == "local"
-        if self.rollout.shares_policy:  # generating with the module itself: nothing to copy, only the version
-            self.rollout.push_weights(None, self.policy_version)
-            self.synced_version = self.policy_version
-            return
-        state = merged_state_dict(self.model, gather_state_dict(self.model, self.global_rank, all_ranks=local))
-        self.on_all_ranks(lambda: self.rollout.push_weights(state, self.policy_version)
-                          if local or self.global_rank == 0 else None)  # also the barrier after the push
-        self.synced_version = self.policy_version
-
-    def on_all_ranks(self, call: Any) -> Any:
-        """Run a rollout ``call`` on this rank; if a rollout worker failed on any rank, raise on every rank.
-
-        A Ray actor that dies may be seen by one rank only (e.g. rank 0 alone pushes weights). The failure flag is
-        all-reduced (which also synchronises the ranks, like a barrier), so all of them stop at the same point
-        instead of some waiting forever in the next collective (a ZeRO-3 forward, a checkpoint save)."""
-        try:
-            result, failure = call(), None
-        except RolloutWorkerError as err:
-            result, failure = None, err
-        if self.trainer.world_size > 1:
-            if self.trainer.strategy.reduce_boolean_decision(failure is not None, all=False) and failure is None:
-                failure = RolloutWorkerError("A rollout worker failed on another trainer rank (its log names it).")
-        if failure is not None:
-            raise failure
-        return result
-
-    def sampling_seed(self) -> int:
-        """Seed of this step's sampling: a function of the run's seed (``seed_everything``), the policy version and
-        the rank, so a resumed run draws the samples the uninterrupted run would have drawn."""
-        base = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return ((base * 1_000_003 + self.policy_version) * 1_009 + self.global_rank * 101) % 2**31
-
-    def generates_with_policy(self) -> bool:
-        """Whether the rollout generates with this module's policy itself (``rollout.share_policy``; by default
-        wherever that is safe: the ``local`` backend without ZeRO-3 partitioning)."""
-        config, strategy = self.rollout_config, self.trainer.strategy
-        zero3 = isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
-        safe = config.backend == "local" and not zero3
-        if config.share_policy and not safe:
-            raise ConfigError("model.init_args.rollout.share_policy: true needs model.init_args.rollout.backend: "
-                              "local and no ZeRO-3 (its partitioned module would gather every layer for every "
-                              "generated token): set it to null (automatic) or false.")
-        return safe if config.share_policy is None else config.share_policy
-
-    def generate(self, prompt_ids: list[list[int]]) -> list[list[int]]:
-        """Sample ``n_samples_per_prompt`` responses per prompt with the current policy's weights; a worker that
-        answers with other weights (e.g. restarted by Ray since the last push) is a :class:`RolloutWorkerError`."""
-        hp, tok = self.hparams, self.tokenizer
-        responses, versions = self.rollout.generate(
-            prompt_ids, n=hp.n_samples_per_prompt, max_new_tokens=hp.max_new_tokens, temperature=hp.temperature,
-            top_p=hp.top_p, top_k=hp.top_k, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
-            generation_kwargs=hp.generation_kwargs, seed=self.sampling_seed())
-        if any(v != self.policy_version for v in versions):
-            raise RolloutWorkerError(f"Rollout used weight versions {versions}, policy is at {self.policy_version} "
-                                     f"(a generation worker restarted since the last weight push?).")
-        return responses
-
-    def policy_log_probs(self, micro: dict[str, torch.Tensor],
-                         with_entropy: bool = False) -> tuple[torch.Tensor, ...]:
-        """Log-probs of the response tokens of padded rows (N, L) at the sampling temperature (and, ``with_entropy``,
-        the entropy there), with the LM head on the response positions only, in chunks; packed into one row first
-        under ``packing``."""
-        batch = pack_rows(micro) if self.hparams.packing else micro
-        if with_entropy:
-            out = label_log_probs_and_entropy(self.model, batch, self.logp_temperature)
-        else:
-            out = (label_log_probs(self.model, batch, self.logp_temperature),)
-        return tuple(unpack_rows(v, micro["attention_mask"]) for v in out) if self.hparams.packing else out
-
-    def values_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Critic values (N, L); position t is the value of the state that predicts token t + 1 (0 at padding
-        under ``packing``)."""
-        if self.hparams.packing:
-            packed = pack_rows({"input_ids": input_ids, "attention_mask": attention_mask})
-            hidden = self.critic.base_model(**forward_inputs(packed)).last_hidden_state
-            return unpack_rows(score_head(self.critic)(hidden).squeeze(-1).float(), attention_mask)
-        hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        use_cache=False).last_hidden_state
-        return score_head(self.critic)(hidden).squeeze(-1).float()
-
-    @torch.no_grad()
-    def base_policy_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              labels: torch.Tensor) -> torch.Tensor:
-        """Reference log-probs (N, L) from the policy with its LoRA adapters disabled, by micro-batch, while the
-        reward workers score (see :attr:`reference_is_policy_base`), computed as the reference worker does."""
-        with adapters_disabled(self.model) as base:
-            return torch.cat([label_log_probs(base, {"input_ids": input_ids[sl], "attention_mask": attention_mask[sl],
-                                                     "labels": labels[sl]}, self.logp_temperature)
-                              for sl in self.micro_slices(len(input_ids))])
-
-    @torch.no_grad()
-    def make_experience(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        hp, tok = self.hparams, self.tokenizer
-        started = time.perf_counter()
-        self.sync_weights()
-        responses = self.on_all_ranks(lambda: self.generate(batch["prompt_ids"]))
-        generated = time.perf_counter()
-        n = hp.n_samples_per_prompt
-        prompts = [p for p in batch["prompt_ids"] for _ in range(n)]
-        input_ids = pad_sequences([p + r for p, r in zip(prompts, responses, strict=True)], tok.pad_token_id)
-        attention_mask = pad_sequences([[1] * (len(p) + len(r)) for p, r in zip(prompts, responses, strict=True)], 0)
-        labels = pad_sequences([[IGNORE_INDEX] * len(p) + r for p, r in zip(prompts, responses, strict=True)],
-                               IGNORE_INDEX)
-        handles = self.rollout.score_async(input_ids, attention_mask, labels, hp.normalize_reward,
-                                           self.logp_temperature)
-
-        # While reference and reward workers run: rule rewards, old log-probs and values, here.
-        texts = tok.batch_decode(responses, skip_special_tokens=True)
-        prompt_texts = [t for t in batch["prompt_text"] for _ in range(n)]
-        labels_text = [lab for lab in batch["label"] for _ in range(n)]
-        rule_scores = [torch.tensor(checked_scores(fn, name, prompt_texts, texts, labels_text))
-                       for name, fn in self.reward_fns]
-        input_ids, attention_mask, labels = (t.to(self.device) for t in (input_ids, attention_mask, labels))
-        mask = shift_labels(labels) != IGNORE_INDEX
-        old_logps, values = [], []
-        need_old_logps = not self.reuses_update_log_probs
-        for sl in self.micro_slices(len(responses)):
-            if need_old_logps:
-                micro = {"input_ids": input_ids[sl], "attention_mask": attention_mask[sl], "labels": labels[sl]}
-                old_logps.append(self.policy_log_probs(micro)[0])
-            if self.critic is not None:
-                values.append(self.values_of(input_ids[sl], attention_mask[sl]) * mask[sl])
-        old_logps = torch.cat(old_logps) if old_logps else None
-        local_reference = self.base_policy_log_probs(input_ids, attention_mask, labels) \
-            if self.reference_is_policy_base else None
-        results = dict(zip(handles, self.on_all_ranks(lambda: self.rollout.wait(list(handles.values()))), strict=True))
-        if local_reference is not None:
-            results["reference"] = local_reference
-        scored = time.perf_counter()
-
-        model_scores = [results[g] for g in self.rollout.reward_groups]
-        sources = torch.stack([s.float() for s in model_scores + rule_scores]).to(self.device)  # (sources, N)
-        scores = combine_rewards(sources, hp.reward_weights, hp.reward_clip)
-        if "reference" in results:
-            ref_logps = results["reference"].to(self.device)
-            kl = adv.kl_penalty(old_logps, ref_logps, hp.kl_estimator) * mask
-        else:
-            ref_logps, kl = None, torch.zeros(mask.shape, device=self.device)
-        beta = self.kl_controller.value if hp.kl_in_reward else 0.0
-        advantages, returns = self.estimate_advantages(scores, kl, mask, torch.cat(values) if values else None, beta)
-        self.last_samples = [{"prompt": p, "response": r, "reward": float(s)}
-                             for p, r, s in zip(prompt_texts, texts, scores.tolist(), strict=True)]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "mask": mask,
-                "old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages, "returns": returns,
-                "values": torch.cat(values) if values else None, "scores": scores, "kl": kl, "source_scores": sources,
-                "generate_s": generated - started, "score_s": scored - generated}
-
-    def estimate_advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
-                            values: torch.Tensor | None, beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token-level advantages (N, L) (and returns for the critic) from sequence scores and per-token KL."""
-        hp, n = self.hparams, self.hparams.n_samples_per_prompt
-        estimator = hp.advantage_estimator
-        if estimator == "gae":
-            rewards = adv.token_rewards(scores, kl, mask, beta)
-            advantages, returns = adv.gae(rewards, values, mask, hp.gamma, hp.lam)
-            return (adv.masked_whiten(advantages, mask) if hp.whiten_advantages else advantages), returns
-        if estimator == "reinforce_pp":
-            return adv.reinforce_pp_advantages(scores, kl, mask, beta, hp.gamma), None
-        if estimator == "reinforce_baseline":
-            return adv.reinforce_baseline_advantages(scores, kl, mask, beta, n, hp.gamma), None
-        shaped = scores - beta * kl.sum(-1)
-        if estimator == "rloo":
-            sequence = adv.rloo_advantages(shaped, n)
-        else:
-            sequence = adv.group_advantages(shaped, n, normalize_std=estimator == "grpo")
-        return sequence[:, None] * mask, None
-
     # ------------------------------------------------------------------------------------------- training
     def micro_slices(self, size: int) -> list[slice]:
         step = self.hparams.micro_batch_size
@@ -484,43 +257,21 @@ class PPO(RLHFModule):
         trained = time.perf_counter()
         stats = self.train_on_experience(exp)
         self.policy_version += 1
-        mean_kl, samples = self.global_kl(exp["kl"])
+        mean_kl, samples = self.global_kl(exp.kl)
         self.kl_controller.update(mean_kl, n_steps=samples)
         done = time.perf_counter()
-        lengths = exp["mask"].sum(-1).float()
-        per_source = dict(zip(self.reward_source_names, exp["source_scores"].mean(-1), strict=True))
+        lengths = exp.mask.sum(-1).float()
+        per_source = dict(zip(self.reward_source_names, exp.source_scores.mean(-1), strict=True))
         self.log_dict({
-            "train/reward": exp["scores"].mean(), "train/reward_std": exp["scores"].std(),
+            "train/reward": exp.scores.mean(), "train/reward_std": exp.scores.std(),
             "train/rollout_retries": float(self.rollout_retries),
             **{f"train/reward/{name}": value for name, value in per_source.items()},
             "train/kl": mean_kl, "train/kl_coef": self.kl_controller.value, "train/policy_version": self.policy_version,
             "train/response_length": lengths.mean(), **{f"train/{k}": v for k, v in stats.items()},
-            "time/generate_s": exp["generate_s"], "time/score_s": exp["score_s"], "time/train_s": done - trained,
-            "train/samples_per_sec": len(exp["scores"]) / (done - started),
+            "time/generate_s": exp.times.generate_s, "time/score_s": exp.times.score_s, "time/train_s": done - trained,
+            "train/samples_per_sec": len(exp) / (done - started),
         }, prog_bar=False)
-        self.log("train/reward_mean", exp["scores"].mean(), prog_bar=True)
-
-    def make_experience_or_recover(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """:meth:`make_experience`, surviving up to ``rollout.max_restarts`` worker failures in this step: once Ray
-        has restarted the dead worker, the current weights are pushed again and the step's rollout is retried.
-        Otherwise (or if the worker stays dead) every rank saves a checkpoint and the run stops, naming the worker.
-        """
-        for attempt in range(self.rollout_config.max_restarts + 1):
-            try:
-                return self.make_experience(batch)
-            except RolloutWorkerError as err:
-                failure = err
-            if attempt == self.rollout_config.max_restarts:
-                break
-            try:
-                self.on_all_ranks(self.rollout.recover)
-            except RolloutWorkerError as err:
-                failure = err
-                break
-            rank_zero_warn(f"{failure} The worker is back: pushing the weights again and retrying the step.")
-            self.synced_version = -1  # a restarted generation worker holds its initial weights
-            self.rollout_retries += 1
-        raise RolloutWorkerError(f"{failure} Stopping the run; {self.save_failure_checkpoint()}") from failure
+        self.log("train/reward_mean", exp.scores.mean(), prog_bar=True)
 
     def global_kl(self, kl: torch.Tensor) -> tuple[float, int]:
         """Mean per-sequence KL to the reference and the number of sequences, over all ranks.
@@ -532,19 +283,10 @@ class PPO(RLHFModule):
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         return float(totals[0] / totals[1].clamp(min=1)), int(totals[1])
 
-    def save_failure_checkpoint(self) -> str:
-        """Save a checkpoint of the state before this step (called on every rank when a rollout worker fails) and
-        say where it is; the optimizer has not stepped in this step, so resuming from it loses no update."""
-        try:
-            path = save_named_checkpoint(self.trainer, f"rollout-failure-step{self.trainer.global_step}.ckpt")
-        except Exception as err:  # noqa: BLE001 -- the rollout failure is the error to report
-            return f"saving a checkpoint failed too ({type(err).__name__}: {err})."
-        return f"checkpoint saved to {path} (resume with --ckpt_path {path})."
-
-    def train_on_experience(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_on_experience(self, exp: Experience) -> dict[str, float]:
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        size = len(exp["scores"])
+        size = len(exp)
         mini = hp.mini_batch_size or size
         totals: dict[str, float] = {}
         micro_batches = 0
@@ -556,7 +298,7 @@ class PPO(RLHFModule):
                     if isinstance(self.trainer.strategy, DeepSpeedStrategy):
                         self.trainer.strategy.micro_batch_boundary(last=i == len(slices) - 1)
                     loss, stats = self.micro_batch_loss(exp, sl)
-                    self.manual_backward(loss * self.micro_batch_weight(exp["mask"], sl, slice(start, stop)))
+                    self.manual_backward(loss * self.micro_batch_weight(exp.mask, sl, slice(start, stop)))
                     micro_batches += 1
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + float(value)
@@ -576,17 +318,16 @@ class PPO(RLHFModule):
         rows = mask.bool().any(-1)
         return float(rows[micro].sum() / rows[mini].sum().clamp(min=1))
 
-    def micro_batch_loss(self, exp: dict[str, torch.Tensor], sl: slice) -> tuple[torch.Tensor, dict[str, Any]]:
+    def micro_batch_loss(self, exp: Experience, sl: slice) -> tuple[torch.Tensor, dict[str, Any]]:
         hp = self.hparams
-        mask = exp["mask"][sl]
-        micro = {key: exp[key][sl] for key in ("input_ids", "attention_mask", "labels")}
-        logps, token_entropy = self.policy_log_probs(micro, with_entropy=True)
-        old_logps = logps.detach() if exp["old_logps"] is None else exp["old_logps"][sl]
-        loss, stats = policy_loss(logps, old_logps, exp["advantages"][sl], mask, hp.clip_low, hp.clip_high,
+        mask = exp.mask[sl]
+        logps, token_entropy = self.policy_log_probs(exp.sequences(sl), with_entropy=True)
+        old_logps = logps.detach() if exp.old_logps is None else exp.old_logps[sl]
+        loss, stats = policy_loss(logps, old_logps, exp.advantages[sl], mask, hp.clip_low, hp.clip_high,
                                   hp.dual_clip, hp.loss_aggregation)
         stats = {k: v.detach() for k, v in stats.items()}
         if not hp.kl_in_reward and self.uses_reference:
-            kl = aggregate(adv.kl_penalty(logps, exp["ref_logps"][sl], hp.kl_estimator), mask, hp.loss_aggregation)
+            kl = aggregate(adv.kl_penalty(logps, exp.ref_logps[sl], hp.kl_estimator), mask, hp.loss_aggregation)
             loss = loss + self.kl_controller.value * kl
             stats["kl_loss"] = kl.detach()
         entropy = aggregate(token_entropy if hp.entropy_coef else token_entropy.detach(), mask, hp.loss_aggregation)
@@ -595,11 +336,11 @@ class PPO(RLHFModule):
         stats["entropy"] = entropy.detach()
         stats["policy_loss"] = loss.detach()
         if self.critic is not None:
-            values = self.values_of(exp["input_ids"][sl], exp["attention_mask"][sl])
-            vloss, vstats = value_loss(values, exp["values"][sl], exp["returns"][sl], mask, hp.value_clip,
+            values = self.values_of(exp.input_ids[sl], exp.attention_mask[sl])
+            vloss, vstats = value_loss(values, exp.values[sl], exp.returns[sl], mask, hp.value_clip,
                                        hp.loss_aggregation)
             loss = loss + hp.value_loss_coef * vloss
-            explained = 1 - (exp["returns"][sl] - values.detach())[mask].var() / exp["returns"][sl][mask].var()
+            explained = 1 - (exp.returns[sl] - values.detach())[mask].var() / exp.returns[sl][mask].var()
             stats.update(value_loss=vloss.detach(), explained_variance=explained, **vstats)
         return loss, stats
 

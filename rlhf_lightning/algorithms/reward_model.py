@@ -22,24 +22,9 @@ from rlhf_lightning.algorithms.base import require
 from rlhf_lightning.algorithms.preference import PreferenceModule, split_pairs
 from rlhf_lightning.logprobs import forward_inputs, is_packed, segment_last_positions
 from rlhf_lightning.losses import pairwise_logexp_loss, pairwise_sigmoid_loss
+from rlhf_lightning.models import last_token_rewards, scalar_head
 
 PAIRWISE_LOSSES = {"sigmoid": pairwise_sigmoid_loss, "logexp": pairwise_logexp_loss}
-
-
-def score_head(model: nn.Module) -> nn.Module:
-    """The scalar head of a ``*ForSequenceClassification`` model (``score`` for Llama/Mistral/Qwen/GPT-2...)."""
-    for name in ("score", "classifier"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            return getattr(model, name)
-    raise AttributeError(f"{type(model).__name__} has no 'score' or 'classifier' head.")
-
-
-def last_token_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward of each right-padded sequence, read at its last attended token: (B, T) -> (B,)."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    last = attention_mask.sum(-1) - 1
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return score_head(model)(pooled).squeeze(-1).float()
 
 
 def batch_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -48,7 +33,7 @@ def batch_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     if not is_packed(batch):
         return last_token_rewards(model, batch["input_ids"], batch["attention_mask"])
     hidden = model.base_model(**forward_inputs(batch)).last_hidden_state[0]  # (N, H): the one packed row
-    return score_head(model)(hidden[segment_last_positions(batch["segment_ids"])]).squeeze(-1).float()
+    return scalar_head(model)(hidden[segment_last_positions(batch["segment_ids"])]).squeeze(-1).float()
 
 
 class RewardModel(PreferenceModule):

@@ -14,7 +14,7 @@ import torch
 
 from rlhf_lightning.generation import generate_responses
 from rlhf_lightning.logprobs import label_log_probs
-from rlhf_lightning.models import load_causal_lm
+from rlhf_lightning.models import last_token_rewards, load_causal_lm
 
 
 class ModelWorker:
@@ -123,7 +123,6 @@ class RewardModelWorker(ModelWorker):
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        from rlhf_lightning.algorithms.reward_model import last_token_rewards
 
         rewards = last_token_rewards(self.model, input_ids.to(self.device), attention_mask.to(self.device)).cpu()
         config = self.model.config

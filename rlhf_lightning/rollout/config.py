@@ -1,0 +1,61 @@
+"""Rollout configuration: where the generation, reference and reward workers run (``model.init_args.rollout``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf_lightning.errors import ConfigError
+
+
+@dataclass
+class WorkerGroup:
+    """Size and resources of one worker group. Fractional ``num_gpus`` colocate workers on one GPU (e.g.
+    reference 0.5 + reward 0.5); fractional ``num_cpus`` (e.g. 0.5) let CPU-only workers share a small machine."""
+
+    count: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+
+
+@dataclass
+class RolloutConfig:
+    """Where rollout work runs.
+
+    Attributes:
+        backend: ``local`` (in the trainer process) or ``ray`` (named actors).
+        ray_address: an existing Ray cluster (``auto`` or ``host:port``); ``None`` starts a local one, reachable
+            from this machine only (127.0.0.1).
+        namespace: Ray namespace of the actors; use distinct ones for concurrent jobs on one cluster.
+        startup_timeout: seconds to wait for the Ray actors to start (and load their models) before failing with
+            what they asked for and what the cluster has free.
+        max_restarts: times Ray may restart each dead actor (it reloads its model); the trainer then pushes the
+            current weights again and retries the step. 0: a dead actor stops the run, after saving a checkpoint.
+        share_policy: ``local`` backend only: generate with the trained module itself instead of a generation worker
+            holding its own copy of the policy (no second copy in memory, no weight push each step). ``None``
+            (default): on wherever it is safe, i.e. on the ``local`` backend unless ZeRO-3 partitions the module
+            (every generated token would then gather each layer from all ranks); ``true`` where unsafe is an error.
+        generation: generation workers (the prompts of a step are split among them).
+        reference: reference workers (one is used; more are reserved for sharding large batches).
+        reward: reward-model workers, one group per reward model.
+    """
+
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    namespace: str = "rlhf_lightning"
+    startup_timeout: float = 600.0
+    max_restarts: int = 0
+    share_policy: bool | None = None
+    generation: WorkerGroup = field(default_factory=WorkerGroup)
+    reference: WorkerGroup = field(default_factory=WorkerGroup)
+    reward: WorkerGroup = field(default_factory=WorkerGroup)
+
+    def __post_init__(self) -> None:
+        if self.share_policy and self.backend != "local":
+            raise ConfigError("model.init_args.rollout.share_policy: true needs model.init_args.rollout.backend: "
+                              "local (Ray generation actors hold their own copy of the policy): set it to null "
+                              "(automatic) or false.")
+
+
+class RolloutWorkerError(RuntimeError):
+    """A rollout worker (Ray actor) died or failed to start; the message names the actor."""

@@ -21,9 +21,11 @@ Use it from YAML::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +271,53 @@ def gather_state_dict(module: torch.nn.Module, rank: int, all_ranks: bool = Fals
             if name in module.state_dict():  # persistent buffers only
                 state[name] = buffer.detach().cpu().clone()
     return state
+
+
+_LAYER_PARTS = (".base_layer.", ".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.",
+                ".modules_to_save.", ".original_module.")
+
+
+def layer_of(name: str) -> str:
+    """The layer a parameter belongs to: its module's path, with a LoRA layer's base weight, adapters and saved
+    copies all mapped to the adapted layer (so they travel in one bucket and can be merged there)."""
+    for part in _LAYER_PARTS:
+        if part in name:
+            return name.split(part, 1)[0]
+    return name.rpartition(".")[0]
+
+
+def state_buckets(module: torch.nn.Module, bucket_bytes: int, rank: int,
+                  all_ranks: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """The state dict of ``module`` as CPU buckets of about ``bucket_bytes`` each (a layer larger than that is one
+    bucket of its own), gathering ZeRO-3 partitions one bucket at a time: streamed, no rank ever holds a second
+    full copy of the model, only the bucket in hand. A layer's parameters (a LoRA layer's base weight and adapters
+    included) stay in one bucket; persistent buffers come last. Buckets are filled on ``rank`` 0 (every rank with
+    ``all_ranks``) and empty elsewhere; iterate on every rank, since gathering partitions is collective."""
+    keep = all_ranks or rank == 0
+    layers: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, param in module.named_parameters():  # tied parameters are listed once
+        layers.setdefault(layer_of(name), []).append((name, param))
+    zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
+    if zero3:
+        import deepspeed
+
+    def size(param: torch.nn.Parameter) -> int:
+        return getattr(param, "ds_numel", param.numel()) * param.element_size()
+
+    def gathered(params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+        context = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None) if zero3 \
+            else contextlib.nullcontext()
+        with context:
+            return {name: param.detach().cpu().clone() for name, param in params} if keep else {}
+
+    bucket: list[tuple[str, torch.nn.Parameter]] = []
+    for params in layers.values():
+        if bucket and sum(size(p) for _, p in bucket + params) > bucket_bytes:
+            yield gathered(bucket)
+            bucket = []
+        bucket += params
+    last = gathered(bucket)
+    if keep:
+        state_keys = module.state_dict().keys()
+        last.update({name: b.detach().cpu().clone() for name, b in module.named_buffers() if name in state_keys})
+    yield last

@@ -32,7 +32,7 @@ def test_backends_by_name_and_the_local_one_calls_in_process():
     assert type(make_backend(RolloutConfig(backend="ray"))) is RayBackend
     assert LocalBackend.in_process and not RayBackend.in_process
     backend = make_backend(RolloutConfig())
-    worker = backend.make("counter-0", Counter, "unused", RolloutConfig().generation, {"start": 5}, create=True)
+    worker = backend.make("counter", 0, Counter, "unused", RolloutConfig().generation, {"start": 5}, create=True)
     backend.wait_started([worker], created=True)
     assert backend.wait([backend.call(worker, "add", 1), backend.call(worker, "add", 2)]) == [6, 8]
     state = {"w": torch.ones(2)}

@@ -33,7 +33,7 @@ from rlhf_lightning.rollout.config import RolloutWorkerError
 from rlhf_lightning.rollout.engine import Rollout
 from rlhf_lightning.rollout.experience import Experience, RolloutTimes
 from rlhf_lightning.rollout.rewards import checked_scores, combine_rewards
-from rlhf_lightning.strategies import DeepSpeedStrategy, gather_state_dict
+from rlhf_lightning.strategies import DeepSpeedStrategy, state_buckets
 
 
 class RolloutPhase:
@@ -76,18 +76,23 @@ class RolloutPhase:
 
     # ----------------------------------------------------------------------------------------------- rollout
     def sync_weights(self) -> None:
-        """Push the policy to the generation workers if it changed since the last push (with LoRA: merged weights
-        ``W + ΔW`` under the plain model's names, computed from the gathered copy)."""
+        """Stream the policy to the generation workers if it changed since the last push, in buckets of
+        ``rollout.weight_sync_bucket_mb`` (with LoRA: merged weights ``W + ΔW`` under the plain model's names, merged
+        per bucket). Every rank walks the buckets (gathering ZeRO-3 partitions is collective); rank 0 sends them to
+        shared (Ray) workers, each rank to its own in-process ones."""
         if self.synced_version == self.policy_version:
             return
-        local = self.rollout_backend.in_process
         if self.rollout.shares_policy:  # generating with the module itself: nothing to copy, only the version
             self.rollout.push_weights(None, self.policy_version)
             self.synced_version = self.policy_version
             return
-        state = merged_state_dict(self.model, gather_state_dict(self.model, self.global_rank, all_ranks=local))
-        self.on_all_ranks(lambda: self.rollout.push_weights(state, self.policy_version)
-                          if local or self.global_rank == 0 else None)  # also the barrier after the push
+        local = self.rollout_backend.in_process
+        bucket_bytes = int(self.rollout_config.weight_sync_bucket_mb * 2**20)
+        buckets = (merged_state_dict(self.model, bucket)
+                   for bucket in state_buckets(self.model, bucket_bytes, self.global_rank, all_ranks=local))
+        sends = local or self.global_rank == 0
+        self.on_all_ranks(lambda: self.rollout.push_weights(buckets, self.policy_version) if sends
+                          else all(True for _ in buckets))  # also the barrier after the push
         self.synced_version = self.policy_version
 
     def on_all_ranks(self, call: Any) -> Any:

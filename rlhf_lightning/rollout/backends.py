@@ -33,8 +33,10 @@ class Backend:
     def connect(self, create: bool, groups: dict[str, tuple[int, WorkerGroup]]) -> None:
         """On each rank before its workers are made; ``groups``: ``{group: (workers, resources each)}``."""
 
-    def make(self, name: str, cls: type, path: str, resources: WorkerGroup, kwargs: dict[str, Any],
+    def make(self, group: str, index: int, cls: type, path: str, resources: WorkerGroup, kwargs: dict[str, Any],
              create: bool) -> Any:
+        """Worker ``index`` of ``group``: ``cls(path, **kwargs)`` with the group's ``resources``; created on the
+        creating rank, looked up elsewhere."""
         raise NotImplementedError
 
     def call(self, worker: Any, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -72,7 +74,7 @@ class _Ready:
 class LocalBackend(Backend):
     """Workers are plain objects in the trainer process; calls run when made."""
 
-    def make(self, name: str, cls: type, path: str, resources: WorkerGroup, kwargs: dict[str, Any],
+    def make(self, group: str, index: int, cls: type, path: str, resources: WorkerGroup, kwargs: dict[str, Any],
              create: bool) -> Any:
         return cls(path, **kwargs)
 
@@ -185,30 +187,65 @@ class RayBackend(Backend):
     def __init__(self, config: RolloutConfig) -> None:
         super().__init__(config)
         self.actor_names: dict[str | None, str] = {}  # Ray actor id -> name, for error messages
+        self.placement_groups: dict[str, Any] = {}  # worker group -> its Ray placement group (creating rank)
 
     def start(self) -> None:
         start_ray(self.config)
 
     def connect(self, create: bool, groups: dict[str, tuple[int, WorkerGroup]]) -> None:
-        """Join (or start) the cluster; on a local cluster the creating rank checks the workers fit it."""
+        """Join (or start) the cluster; the creating rank checks the workers fit a local cluster and reserves the
+        placement groups."""
         import ray
 
         if create:
             start_ray(self.config)
             if self.config.ray_address is None:  # a local cluster: what it has is all it will ever have
                 check_resources(resource_demand(groups), ray.cluster_resources(), "the local Ray cluster")
+            for group, (count, resources) in groups.items():
+                if resources.placement and count:
+                    self.placement_groups[group] = self.reserve(group, count, resources)
         elif not ray.is_initialized():
             join_ray(os.environ.get("RAY_ADDRESS") or self.config.ray_address or "auto", self.config.namespace)
 
-    def make(self, name: str, cls: type, path: str, resources: WorkerGroup, kwargs: dict[str, Any],
+    def reserve(self, group: str, count: int, resources: WorkerGroup) -> Any:
+        """A placement group of ``count`` bundles for ``group``, ready (or a ConfigError naming the option)."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        bundle = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **(resources.resources or {})}
+        bundle = {key: value for key, value in bundle.items() if value > 0}
+        pg = placement_group([dict(bundle) for _ in range(count)], strategy=resources.placement,
+                             name=f"{self.config.namespace}-{group}")
+        try:
+            ray.get(pg.ready(), timeout=self.config.startup_timeout)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            self.shutdown([])
+            nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+            raise ConfigError(
+                f"Ray could not place the {count} '{group}' workers ({bundle} each) with "
+                f"model.init_args.rollout.{group_option(group)}.placement = {resources.placement} within "
+                f"rollout.startup_timeout = {self.config.startup_timeout:g}s; the cluster's {len(nodes)} nodes "
+                f"have {nodes}. Choose another placement (STRICT_SPREAD needs a node per worker), fewer workers, "
+                f"or smaller resources.") from None
+        return pg
+
+    def make(self, group: str, index: int, cls: type, path: str, resources: WorkerGroup, kwargs: dict[str, Any],
              create: bool) -> Any:
         import ray
 
-        full_name = f"{self.config.namespace}-{name}"
+        full_name = f"{self.config.namespace}-{group}-{index}"
         if create:
+            options: dict[str, Any] = {"name": full_name, "namespace": self.config.namespace}
+            if group in self.placement_groups:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    self.placement_groups[group], placement_group_bundle_index=index)
+            custom = {"resources": resources.resources} if resources.resources else {}
             actor_cls = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                                   max_restarts=self.config.max_restarts)(cls)
-            actor = actor_cls.options(name=full_name, namespace=self.config.namespace).remote(path, **kwargs)
+                                   max_restarts=self.config.max_restarts, **custom)(cls)
+            actor = actor_cls.options(**options).remote(path, **kwargs)
         else:
             actor = ray.get_actor(full_name, namespace=self.config.namespace)
         self.actor_names[_actor_id(actor)] = full_name
@@ -282,9 +319,13 @@ class RayBackend(Backend):
 
     def shutdown(self, workers: list[Any]) -> None:
         import ray
+        from ray.util.placement_group import remove_placement_group
 
         for actor in workers:
             ray.kill(actor)
+        for pg in self.placement_groups.values():
+            remove_placement_group(pg)
+        self.placement_groups = {}
 
     def close(self) -> None:
         import ray

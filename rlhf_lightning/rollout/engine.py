@@ -13,7 +13,7 @@ Failures are loud and early: worker groups asking for more CPUs/GPUs than a loca
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -54,7 +54,7 @@ class Rollout:
         self.workers: dict[str, list[Any]] = {"generation": [PolicyGenerationWorker(policy_module)]} \
             if self.shares_policy else {}
         for group, index, cls, path, resources in specs:
-            worker = self.backend.make(f"{group}-{index}", cls, path, resources, worker_kwargs, create)
+            worker = self.backend.make(group, index, cls, path, resources, worker_kwargs, create)
             self.workers.setdefault(group, []).append(worker)
         self.backend.wait_started(self.all_workers(), create)
         self.reward_groups = [g for g in self.workers if g.startswith("reward")]
@@ -75,10 +75,21 @@ class Rollout:
         return self.backend.wait(handles)
 
     # ------------------------------------------------------------------------------------------------ API
-    def push_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """Load new policy weights into every generation worker and check they all report ``version``."""
-        state_dict = self.backend.share(state_dict)
-        versions = self.wait([self._call(w, "load_weights", state_dict, version) for w in self.workers["generation"]])
+    def push_weights(self, buckets: Iterable[dict[str, torch.Tensor]] | None, version: int) -> None:
+        """Stream new policy weights into every generation worker, bucket by bucket, and check they all report
+        ``version``. One bucket is in transit while the next is gathered: the sender never holds more than two.
+        ``None`` (a generation worker that is the trained module itself) only advances the version."""
+        workers = self.workers["generation"]
+        if buckets is not None:
+            self.wait([self._call(w, "begin_weights") for w in workers])
+            in_flight: list[Any] = []
+            for bucket in buckets:
+                shared = self.backend.share(bucket)
+                handles = [self._call(w, "load_weight_bucket", shared) for w in workers]
+                self.wait(in_flight)
+                in_flight = handles
+            self.wait(in_flight)
+        versions = self.wait([self._call(w, "commit_weights", version) for w in workers])
         if any(v != version for v in versions):
             raise RuntimeError(f"Generation workers report weight versions {versions}, expected {version}.")
 

@@ -40,6 +40,12 @@ class ModelWorker:
         """The worker's process id (on Ray, the actor's process: tests kill it to check the run stops cleanly)."""
         return os.getpid()
 
+    def node_id(self) -> str | None:
+        """The Ray node the worker runs on (``None`` outside Ray): where its placement put it."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
 
 class GenerationWorker(ModelWorker):
     """Samples responses from a copy of the policy; the trainer pushes new weights with a version number, so a
@@ -51,11 +57,25 @@ class GenerationWorker(ModelWorker):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Load a full (unsharded) policy state dict; tied weights (e.g. ``lm_head`` = embeddings) may be absent."""
-        expected = {name for name, _ in self.model.named_parameters()}  # tied parameters listed once
-        missing = expected - state_dict.keys()
-        if missing:
-            raise KeyError(f"Weight push lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}.")
-        self.model.load_state_dict(state_dict, strict=False)
+        self.begin_weights()
+        self.load_weight_bucket(state_dict)
+        return self.commit_weights(version)
+
+    def begin_weights(self) -> None:
+        """A streamed push starts: every parameter must arrive (in buckets) before :meth:`commit_weights`."""
+        self.pending = {name for name, _ in self.model.named_parameters()}  # tied parameters listed once
+
+    def load_weight_bucket(self, bucket: dict[str, torch.Tensor]) -> None:
+        """Copy one bucket of the policy's weights into the model, in place (no second copy is allocated)."""
+        unexpected = self.model.load_state_dict(bucket, strict=False).unexpected_keys
+        if unexpected:
+            raise KeyError(f"Weight push has {len(unexpected)} names this model lacks, e.g. {sorted(unexpected)[:3]}.")
+        self.pending -= bucket.keys()
+
+    def commit_weights(self, version: int) -> int:
+        """The push is complete: check every parameter arrived, then report the new ``version``."""
+        if self.pending:
+            raise KeyError(f"Weight push lacks {len(self.pending)} parameters, e.g. {sorted(self.pending)[:3]}.")
         self.version = version
         return version
 
@@ -89,6 +109,15 @@ class PolicyGenerationWorker(GenerationWorker):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor] | None, version: int) -> int:
         """The module's weights are the trainer's own: only the version advances (``state_dict`` is ignored)."""
+        return self.commit_weights(version)
+
+    def begin_weights(self) -> None:
+        pass
+
+    def load_weight_bucket(self, bucket: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def commit_weights(self, version: int) -> int:
         self.version = version
         return version
 

@@ -95,3 +95,27 @@ def test_generation_samples_callback_example(tmp_path, tiny_model_dir, monkeypat
     assert [int(r["step"]) for r in rows] == [2, 2, 4, 4]
     assert {r["prompt"] for r in rows} == {"What is 2 + 3?", "What is 40 + 2?"}
     assert cli.model.tokenizer.padding_side == "right"  # generation pads on the left; training's side is restored
+
+
+def test_gradients_are_freed_right_after_each_optimizer_step(tmp_path, tiny_model_dir):
+    """Every step's forward runs without the previous step's gradients (they would add a model's worth of memory
+    at the activation peak), on Lightning's plain strategy as under DeepSpeed; training still learns."""
+    from lightning.pytorch.callbacks import Callback
+
+    from rlhf_lightning.cli import RLHFCLI
+
+    class GradientsAtStepStart(Callback):
+        def __init__(self) -> None:
+            self.held: list[int] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.held.append(sum(p.grad is not None for p in pl_module.parameters()))
+
+    probe = GradientsAtStepStart()
+    cli = RLHFCLI(args=base_args(tmp_path, tiny_model_dir) + ["--trainer.strategy", "auto", "--trainer.max_steps", "4",
+                                                              "--trainer.accelerator", "cpu"], run=False)
+    cli.trainer.callbacks.append(probe)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert probe.held == [0, 0, 0, 0]
+    losses = metric_series(read_metrics(tmp_path), "train/loss")
+    assert all(torch.isfinite(torch.tensor(losses)))

@@ -229,6 +229,15 @@ class RLHFModule(LightningModule):
         """Optimizer steps of the whole run, for the LR schedule (override when a step makes several)."""
         return int(self.trainer.estimated_stepping_batches)
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Step, then free the gradients at once. Lightning's loop otherwise zeroes them only inside the next
+        step's closure, after its forward pass, so that forward (the peak of activation memory) would run with a
+        full set of stale gradients still held: +5% peak RSS on SmolLM2-135M SFT against TRL, which frees them
+        after the step. (DeepSpeed's engine frees its own in ``step``.)"""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            optimizer.zero_grad(set_to_none=True)
+
     # ----------------------------------------------------------------------------------- resume, divergence
     def configure_callbacks(self) -> list[Callback]:
         """Callbacks every run needs: RNG state in checkpoints (exact resume) and the divergence guard."""

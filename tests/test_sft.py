@@ -112,8 +112,9 @@ def test_gradients_are_freed_right_after_each_optimizer_step(tmp_path, tiny_mode
             self.held.append(sum(p.grad is not None for p in pl_module.parameters()))
 
     probe = GradientsAtStepStart()
-    cli = RLHFCLI(args=base_args(tmp_path, tiny_model_dir) + ["--trainer.strategy", "auto", "--trainer.max_steps", "4",
-                                                              "--trainer.accelerator", "cpu"], run=False)
+    args = base_args(tmp_path, tiny_model_dir)[1:]  # no subcommand with run=False
+    args += ["--trainer.strategy", "auto", "--trainer.max_steps", "4", "--trainer.accelerator", "cpu"]
+    cli = RLHFCLI(args=args, run=False)
     cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert probe.held == [0, 0, 0, 0]

@@ -60,10 +60,11 @@ def one_node_two_processes(tmp_path_factory, tiny_model_dir):
 @pytest.mark.parametrize("kind", ["plain", "slurm"])
 def test_two_nodes_train_what_one_node_of_two_processes_trains(kind, tmp_path, tiny_model_dir,
                                                                one_node_two_processes):
-    """Equal weights also prove the two processes formed one world: each alone would train on all the data."""
+    """The same weights also prove the two processes formed one world (each alone would train on all the data and
+    end ~1e-3 away). Not bit-identical: gloo reduces in another order across "nodes" than within one (~1e-5)."""
     run_two_nodes(kind, tmp_path, tiny_model_dir)
     two_nodes, start = load_weights(tmp_path / "hf"), load_weights(tiny_model_dir)
     assert two_nodes.keys() == one_node_two_processes.keys()
     for name, value in two_nodes.items():
-        torch.testing.assert_close(value, one_node_two_processes[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(value, one_node_two_processes[name], rtol=0, atol=1e-4)
     assert any(not torch.equal(two_nodes[n], start[n]) for n in start)  # it trained

@@ -59,8 +59,11 @@ def test_a_placement_the_cluster_cannot_satisfy_names_the_option(two_nodes, tiny
 
 def test_grpo_trains_on_the_two_node_cluster(two_nodes, tmp_path, tiny_model_dir):
     """The CLI joins the cluster by address; the generation workers spread over both nodes; the run trains."""
+    reward = tmp_path / "vowels.py"  # varies across random samples, so GRPO's group advantages are not all 0
+    reward.write_text("def vowels(prompts, responses, labels):\n"
+                      "    return [sum(c in 'aeiou' for c in r) / max(len(r), 1) for r in responses]\n")
     args = base_args(tmp_path, tiny_model_dir, data=PROMPTS, config=REPO / "configs" / "tiny" / "grpo.yaml") + [
-        "--model.init_args.reward_functions", json.dumps([f"{REPO}/examples/reward_fns.py:even_answer"]),
+        "--model.init_args.reward_functions", json.dumps([f"{reward}:vowels"]),
         "--data.init_args.batch_size", "2", "--model.init_args.n_samples_per_prompt", "2",
         "--model.init_args.max_new_tokens", "4", "--model.init_args.micro_batch_size", "4",
         "--model.init_args.kl_coef", "0", "--trainer.max_steps", "3",

@@ -539,6 +539,10 @@ def summarize_run(result: dict[str, Any], warmup: int, max_other_cores: float = 
         "label_tokens_per_step": sorted(set(result["label_tokens"])),
         "batch_width": sorted(set(result["widths"])),
         "peak_rss_mib": result["peak_rss_mib"],
+        # where the peak builds up: RSS and peak RSS once set up (model, data, optimizer), peak after each step
+        "rss_before_first_step_mib": result.get("rss_before_first_step_mib"),
+        "peak_rss_before_first_step_mib": result.get("peak_rss_before_first_step_mib"),
+        "peak_rss_at_step_end_mib": result.get("peak_rss_at_end"),
         "peak_cuda_mib": result.get("peak_cuda_mib"),
         "process_wall_s": result["process_wall_s"],
         "step_intervals_s": intervals,

@@ -13,7 +13,7 @@ Failures are loud and early: worker groups asking for more CPUs/GPUs than a loca
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -75,11 +75,15 @@ class Rollout:
         return self.backend.wait(handles)
 
     # ------------------------------------------------------------------------------------------------ API
-    def push_weights(self, buckets: Iterable[dict[str, torch.Tensor]] | None, version: int) -> None:
-        """Stream new policy weights into every generation worker, bucket by bucket, and check they all report
-        ``version``. One bucket is in transit while the next is gathered: the sender never holds more than two.
-        ``None`` (a generation worker that is the trained module itself) only advances the version."""
+    def push_weights(self, buckets: Iterable[dict[str, torch.Tensor]] | dict[str, torch.Tensor] | None,
+                     version: int) -> None:
+        """Stream new policy weights into every generation worker, bucket by bucket (a single state dict is one
+        bucket), and check they all report ``version``. One bucket is in transit while the next is gathered: the
+        sender never holds more than two. ``None`` (a generation worker that is the trained module itself) only
+        advances the version."""
         workers = self.workers["generation"]
+        if isinstance(buckets, Mapping):
+            buckets = [buckets]
         if buckets is not None:
             self.wait([self._call(w, "begin_weights") for w in workers])
             in_flight: list[Any] = []

@@ -43,6 +43,8 @@ class RolloutPhase:
 
     # ------------------------------------------------------------------------------------- workers' lifetime
     def setup(self, stage: str) -> None:
+        """Start the rollout workers for ``fit``: in-process ones on every rank; shared ones (Ray) created by global
+        rank 0 and looked up by name on the others, after a barrier."""
         if stage != "fit" or self.rollout is not None:
             return
         hp, config = self.hparams, self.rollout_config
@@ -67,6 +69,7 @@ class RolloutPhase:
             self.rollout = make(False)
 
     def teardown(self, stage: str) -> None:
+        """Stop the workers (the rank that created them) and leave the backend's runtime (every rank)."""
         if self.rollout is None:
             return
         if not self.rollout_backend.in_process:  # shared workers: every rank is done with them before removal

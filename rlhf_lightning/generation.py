@@ -97,7 +97,7 @@ def generate_responses(model: PreTrainedModel, prompt_ids: list[list[int]], n: i
         if own_sampler:  # greedy decoding takes the token it draws
             uniforms = row_uniforms([s for s in prompt_seeds for _ in range(n)], n, max_new_tokens) \
                 if prompt_seeds is not None else torch.rand(len(prompt_ids), max_new_tokens)
-            processors.append(InverseCdfSampler(uniforms, temperature, top_p, top_k, sampler_kwargs))
+            processors.append(InverseCdfSampler(uniforms, temperature, top_p, top_k, sampler_kwargs, device))
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                              streamer=streamer, synced_gpus=synced_gpus, **shared,
                              logits_processor=LogitsProcessorList(processors))
@@ -161,7 +161,7 @@ class InverseCdfSampler(LogitsProcessor):
     WARPER_KEYS = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 
     def __init__(self, uniforms: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                 warper_kwargs: dict[str, Any] | None = None) -> None:
+                 warper_kwargs: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> None:
         kwargs = warper_kwargs or {}
         warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
         warpers += [TopKLogitsWarper(top_k)] if top_k else []
@@ -173,7 +173,7 @@ class InverseCdfSampler(LogitsProcessor):
         if kwargs.get("epsilon_cutoff") is not None and 0.0 < kwargs["epsilon_cutoff"] < 1.0:
             warpers.append(EpsilonLogitsWarper(kwargs["epsilon_cutoff"]))
         if kwargs.get("eta_cutoff") is not None and 0.0 < kwargs["eta_cutoff"] < 1.0:
-            warpers.append(EtaLogitsWarper(kwargs["eta_cutoff"], device=uniforms.device))
+            warpers.append(EtaLogitsWarper(kwargs["eta_cutoff"], device=device))  # the scores' device
         self.warpers, self.uniforms = LogitsProcessorList(warpers), uniforms
         self.start: int | None = None
 

@@ -195,3 +195,19 @@ def test_inverse_cdf_sampler_applies_top_p_and_min_p():
 def test_beam_search_keeps_transformers_sampling():
     assert InverseCdfSampler.handles({"min_new_tokens": 4, "repetition_penalty": 1.2})
     assert not InverseCdfSampler.handles({"num_beams": 2}) and not InverseCdfSampler.handles({"penalty_alpha": 0.6})
+
+
+def test_inverse_cdf_sampler_applies_epsilon_and_eta_cutoffs():
+    """``epsilon_cutoff`` drops tokens under that probability; ``eta_cutoff`` runs too (its threshold depends on
+    the entropy); the kept tokens are sampled in proportion to their probabilities."""
+    logits = torch.tensor([2.0, 1.5, 0.0, -2.0, -4.0])
+    probs = logits.softmax(-1)
+    rows = 20_000
+    uniforms = torch.rand(rows, 1, generator=torch.Generator().manual_seed(0))
+    for kwargs in ({"epsilon_cutoff": 0.05}, {"eta_cutoff": 0.05}):
+        sampler = InverseCdfSampler(uniforms, 1.0, 1.0, 0, warper_kwargs=kwargs)
+        picked = sampler(torch.zeros(rows, 2, dtype=torch.long), logits.expand(rows, -1).clone()).argmax(-1)
+        frequency = torch.bincount(picked, minlength=5).float() / rows
+        kept = frequency > 0
+        assert kept[:3].all() and not kept[3:].any(), (kwargs, frequency)  # p = 0.53, 0.32, 0.09 | 0.01, 0.002
+        assert torch.allclose(frequency[kept], probs[kept] / probs[kept].sum(), atol=0.01), kwargs

@@ -44,9 +44,7 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     if temperature != 1.0:
         logits = logits / temperature
     logits = upcast_half(logits)
-    safe = labels.clamp(min=0)
-    picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1)
-    logps = picked - torch.logsumexp(logits, dim=-1)
+    logps = picked_log_probs(logits, labels.clamp(min=0))
     return logps.masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
@@ -55,6 +53,12 @@ def head_logits(lm_head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
     """``lm_head(hidden) / temperature``: the logits of the distribution sampling at ``temperature`` drew from."""
     logits = lm_head(hidden)
     return logits / temperature if temperature != 1.0 else logits
+
+
+def picked_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[label]`` for logits (..., V) and labels (...) -> (...), without materialising the
+    log-softmax: the picked logit minus the log-sum-exp."""
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def map_head_chunks(per_chunk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], hidden: torch.Tensor,
@@ -82,8 +86,7 @@ def selective_log_probs(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], 
     Values and gradients equal :func:`token_log_probs` on the full logits.
     """
     def chunk_log_probs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = upcast_half(head_logits(lm_head, h, temperature))
-        return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return picked_log_probs(upcast_half(head_logits(lm_head, h, temperature)), y)
 
     return map_head_chunks(chunk_log_probs, hidden, labels, chunk_size)
 
@@ -96,8 +99,8 @@ def selective_log_probs_and_entropy(hidden: torch.Tensor, lm_head: Callable[[tor
     entropy costs a softmax per chunk and no second head matmul."""
     def chunk_stats(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = upcast_half(head_logits(lm_head, h, temperature))
-        log_probs = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        return torch.stack([log_probs, entropy_from_logits(logits)])  # (2, n): chunks concatenate along dim -1
+        # (2, n): chunks concatenate along dim -1
+        return torch.stack([picked_log_probs(logits, y), entropy_from_logits(logits)])
 
     log_probs, entropy = map_head_chunks(chunk_stats, hidden, labels, chunk_size)
     return log_probs, entropy

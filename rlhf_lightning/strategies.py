@@ -250,26 +250,11 @@ def destroy_distributed() -> None:
 
 def gather_state_dict(module: torch.nn.Module, rank: int, all_ranks: bool = False) -> dict[str, torch.Tensor]:
     """Full state dict of ``module`` on CPU at ``rank`` 0 (empty elsewhere, unless ``all_ranks``), gathering ZeRO-3
-    partitions one parameter at a time so peak memory stays at one parameter beyond the CPU copy. Call on every
-    rank."""
-    if all_ranks:
-        rank = 0
+    partitions one layer at a time (:func:`state_buckets` with no bucket size) so peak memory stays at one layer
+    beyond the CPU copy. Call on every rank."""
     state: dict[str, torch.Tensor] = {}
-    zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
-    if zero3:
-        import deepspeed
-
-    for name, param in module.named_parameters():
-        if zero3:
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if rank == 0:
-                    state[name] = param.detach().cpu().clone()
-        elif rank == 0:
-            state[name] = param.detach().cpu().clone()
-    if rank == 0:
-        for name, buffer in module.named_buffers():
-            if name in module.state_dict():  # persistent buffers only
-                state[name] = buffer.detach().cpu().clone()
+    for bucket in state_buckets(module, 0, rank, all_ranks):
+        state.update(bucket)
     return state
 
 
@@ -311,11 +296,14 @@ def state_buckets(module: torch.nn.Module, bucket_bytes: int, rank: int,
             return {name: param.detach().cpu().clone() for name, param in params} if keep else {}
 
     bucket: list[tuple[str, torch.nn.Parameter]] = []
+    bucket_size = 0
     for params in layers.values():
-        if bucket and sum(size(p) for _, p in bucket + params) > bucket_bytes:
+        layer_size = sum(size(p) for _, p in params)
+        if bucket and bucket_size + layer_size > bucket_bytes:
             yield gathered(bucket)
-            bucket = []
+            bucket, bucket_size = [], 0
         bucket += params
+        bucket_size += layer_size
     last = gathered(bucket)
     if keep:
         state_keys = module.state_dict().keys()

@@ -212,6 +212,7 @@ class RolloutPhase:
             if self.critic is not None:
                 values.append(self.values_of(input_ids[sl], attention_mask[sl]) * mask[sl])
         old_logps = torch.cat(old_logps) if old_logps else None
+        values = torch.cat(values) if values else None
         local_reference = self.base_policy_log_probs(input_ids, attention_mask, labels) \
             if self.reference_is_policy_base else None
         results = dict(zip(handles, self.on_all_ranks(lambda: self.rollout.wait(list(handles.values()))), strict=True))
@@ -229,13 +230,13 @@ class RolloutPhase:
             ref_logps, kl = None, torch.zeros(mask.shape, device=self.device)
         beta = self.kl_controller.value if hp.kl_in_reward else 0.0
         advantages, returns = adv.estimate_advantages(hp.advantage_estimator, adv.AdvantageInputs(
-            scores, kl, mask, torch.cat(values) if values else None, beta, hp.n_samples_per_prompt, hp.gamma, hp.lam,
+            scores, kl, mask, values, beta, hp.n_samples_per_prompt, hp.gamma, hp.lam,
             hp.whiten_advantages))
         self.last_samples = [{"prompt": p, "response": r, "reward": float(s)}
                              for p, r, s in zip(prompt_texts, texts, scores.tolist(), strict=True)]
         return Experience(input_ids=input_ids, attention_mask=attention_mask, labels=labels, mask=mask, scores=scores,
                           source_scores=sources, kl=kl, advantages=advantages, old_logps=old_logps,
-                          ref_logps=ref_logps, values=torch.cat(values) if values else None, returns=returns,
+                          ref_logps=ref_logps, values=values, returns=returns,
                           times=RolloutTimes(generate_s=generated - started, score_s=scored - generated))
 
     def make_experience_or_recover(self, batch: dict[str, Any]) -> Experience:

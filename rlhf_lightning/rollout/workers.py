@@ -107,12 +107,8 @@ class PolicyGenerationWorker(GenerationWorker):
     def model(self) -> torch.nn.Module:  # type: ignore[override]
         return self.policy()
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor] | None, version: int) -> int:
-        """The module's weights are the trainer's own: only the version advances (``state_dict`` is ignored)."""
-        return self.commit_weights(version)
-
     def begin_weights(self) -> None:
-        pass
+        """The module's weights are the trainer's own: a push copies nothing, only its version is recorded."""
 
     def load_weight_bucket(self, bucket: dict[str, torch.Tensor]) -> None:
         pass

@@ -43,6 +43,8 @@ def test_share_policy_with_ray_is_refused_when_the_config_is_built():
     with pytest.raises(ConfigError, match="share_policy: true needs model.init_args.rollout.backend: local"):
         RolloutConfig(backend="ray", share_policy=True)
     RolloutConfig(backend="ray", share_policy=False)
+    with pytest.raises(ConfigError, match=r"rollout.weight_sync_bucket_mb must be > 0 \(got 0\)"):
+        RolloutConfig(weight_sync_bucket_mb=0)
 
 
 def test_rollout_code_imports_no_algorithm_and_checks_no_backend_by_name():

@@ -22,6 +22,8 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+from rlhf_lightning.logprobs import label_log_probs
+
 
 @dataclass
 class Sampling:
@@ -35,11 +37,21 @@ class Sampling:
     top_k: int = 0
     generation_kwargs: dict[str, Any] | None = None
 
-@torch.no_grad()
 def generate_responses(model: PreTrainedModel, prompt_ids: list[list[int]], n: int, max_new_tokens: int,
                        temperature: float, top_p: float, top_k: int, eos_token_ids: list[int], pad_token_id: int,
                        generation_kwargs: dict[str, Any] | None = None, seed: int | None = None, streamer: Any = None,
                        prompt_seeds: list[int] | None = None, synced_gpus: bool = False) -> list[list[int]]:
+    """``n`` responses per prompt, grouped by prompt (:func:`sample_responses` without the log-probs)."""
+    return sample_responses(model, prompt_ids, n, max_new_tokens, temperature, top_p, top_k, eos_token_ids,
+                            pad_token_id, generation_kwargs, seed, streamer, prompt_seeds, synced_gpus)[0]
+
+
+@torch.no_grad()
+def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], n: int, max_new_tokens: int,
+                     temperature: float, top_p: float, top_k: int, eos_token_ids: list[int], pad_token_id: int,
+                     generation_kwargs: dict[str, Any] | None = None, seed: int | None = None, streamer: Any = None,
+                     prompt_seeds: list[int] | None = None, synced_gpus: bool = False,
+                     with_log_probs: bool = False) -> tuple[list[list[int]], list[list[float]] | None]:
     """``n`` responses per prompt, grouped by prompt; each ends at (and includes) its first EOS token.
 
     Sampling follows exactly the given options plus ``generation_kwargs`` (any ``GenerationConfig`` field, e.g.
@@ -70,7 +82,13 @@ def generate_responses(model: PreTrainedModel, prompt_ids: list[list[int]], n: i
     inductor (~3 minutes to compile for 135M parameters, then slower), transformers' continuous batching (0.44x the
     tokens/s, and a 14 GB paged cache). Not done: dropping finished rows needs a decode loop of our own
     (``generate`` keeps decoding them); on SmolLM2-135M a step of 4 rows costs ~0.65x one of 16 rows (every weight
-    is read once per step whatever the rows), so it pays only where response lengths vary widely."""
+    is read once per step whatever the rows), so it pays only where response lengths vary widely.
+
+    ``with_log_probs``: also return the sampler's log-prob of each response token, ``log softmax(logits / T)`` at
+    the sampling temperature (greedy: T = 1) before top-k/top-p truncation, the quantity the trainer computes for
+    the same tokens. Asynchronous rollouts weight the update by the ratio of the two (truncated importance
+    sampling). The sampler records them as it draws (one log-softmax per step); other decoding modes (beams,
+    ``generate``'s own sampling) get them from one forward pass over the finished sequences."""
     device = next(model.parameters()).device
     kwargs = dict(generation_kwargs or {})
     own_sampler = temperature > 0 and InverseCdfSampler.handles(kwargs)
@@ -97,7 +115,8 @@ def generate_responses(model: PreTrainedModel, prompt_ids: list[list[int]], n: i
         if own_sampler:  # greedy decoding takes the token it draws
             uniforms = row_uniforms([s for s in prompt_seeds for _ in range(n)], n, max_new_tokens) \
                 if prompt_seeds is not None else torch.rand(len(prompt_ids), max_new_tokens)
-            processors.append(InverseCdfSampler(uniforms, temperature, top_p, top_k, sampler_kwargs, device))
+            processors.append(InverseCdfSampler(uniforms, temperature, top_p, top_k, sampler_kwargs, device,
+                                                record_log_probs=with_log_probs))
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                              streamer=streamer, synced_gpus=synced_gpus, **shared,
                              logits_processor=LogitsProcessorList(processors))
@@ -105,7 +124,30 @@ def generate_responses(model: PreTrainedModel, prompt_ids: list[list[int]], n: i
     for row in out[:, width:].tolist():
         end = next((i + 1 for i, t in enumerate(row) if t in eos_token_ids), len(row))
         responses.append(row[:end])
-    return responses
+    if not with_log_probs:
+        return responses, None
+    if own_sampler:
+        recorded = torch.stack(processors[0].log_probs, dim=1).cpu().tolist()  # (rows, steps)
+        return responses, [steps[:len(r)] for steps, r in zip(recorded, responses, strict=True)]
+    return responses, response_log_probs(model, prompt_ids, responses, temperature if temperature > 0 else 1.0)
+
+
+@torch.no_grad()
+def response_log_probs(model: PreTrainedModel, prompt_ids: list[list[int]], responses: list[list[int]],
+                       temperature: float) -> list[list[float]]:
+    """Log-prob of each response token given its prompt (one per row), from one forward pass of ``model``."""
+    device = next(model.parameters()).device
+    width = max(len(p) + len(r) for p, r in zip(prompt_ids, responses, strict=True))
+    batch = {"input_ids": torch.zeros(len(responses), width, dtype=torch.long),
+             "attention_mask": torch.zeros(len(responses), width, dtype=torch.long),
+             "labels": torch.full((len(responses), width), -100, dtype=torch.long)}
+    for row, (prompt, response) in enumerate(zip(prompt_ids, responses, strict=True)):
+        ids = torch.tensor(prompt + response)
+        batch["input_ids"][row, :len(ids)], batch["attention_mask"][row, :len(ids)] = ids, 1
+        batch["labels"][row, len(prompt):len(ids)] = torch.tensor(response, dtype=torch.long)
+    log_probs = label_log_probs(model, {k: v.to(device) for k, v in batch.items()}, temperature).float().cpu()
+    return [log_probs[row, len(p) - 1:len(p) - 1 + len(r)].tolist()
+            for row, (p, r) in enumerate(zip(prompt_ids, responses, strict=True))]
 
 
 def can_share_prefill(n: int, width: int, config: GenerationConfig) -> bool:
@@ -156,12 +198,15 @@ class InverseCdfSampler(LogitsProcessor):
     needs one uniform per row; and pre-drawn uniforms can come from a seed per row (:func:`row_uniforms`), so that a
     row's tokens do not depend on the other rows of its batch.
 
-    ``uniforms`` is (rows, max_new_tokens): rows ``i*n .. i*n+n-1`` are the ``n`` samples of prompt ``i``."""
+    ``uniforms`` is (rows, max_new_tokens): rows ``i*n .. i*n+n-1`` are the ``n`` samples of prompt ``i``.
+    ``record_log_probs``: keep each step's log-prob of the picked tokens at the temperature, untruncated
+    (``log_probs``, one (rows,) tensor per step)."""
 
     WARPER_KEYS = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 
     def __init__(self, uniforms: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                 warper_kwargs: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> None:
+                 warper_kwargs: dict[str, Any] | None = None, device: torch.device | str = "cpu",
+                 record_log_probs: bool = False) -> None:
         kwargs = warper_kwargs or {}
         warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
         warpers += [TopKLogitsWarper(top_k)] if top_k else []
@@ -176,6 +221,8 @@ class InverseCdfSampler(LogitsProcessor):
             warpers.append(EtaLogitsWarper(kwargs["eta_cutoff"], device=device))  # the scores' device
         self.warpers, self.uniforms = LogitsProcessorList(warpers), uniforms
         self.start: int | None = None
+        self.temperature = temperature
+        self.log_probs: list[torch.Tensor] | None = [] if record_log_probs else None  # (rows,) per step
 
     @staticmethod
     def handles(generation_kwargs: dict[str, Any]) -> bool:
@@ -192,6 +239,9 @@ class InverseCdfSampler(LogitsProcessor):
         cdf = probs.cumsum(-1)
         u = self.uniforms[:, step].to(cdf.device)[:, None] * cdf[:, -1:]
         picked = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)
+        if self.log_probs is not None:
+            untruncated = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+            self.log_probs.append(untruncated.gather(-1, picked).squeeze(-1))
         return torch.full_like(scores, float("-inf")).scatter(-1, picked, 0.0)
 
 

@@ -270,7 +270,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Aggregation = "tok
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
-                aggregation: Aggregation = "token_mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                aggregation: Aggregation = "token_mean", sampler_logprobs: torch.Tensor | None = None,
+                importance_cap: float | None = 2.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss (Schulman et al. 2017) over response tokens; all inputs (B, T).
 
     With ``ratio = exp(log π - log π_old)`` the per-token loss is
@@ -280,19 +281,31 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     token cannot blow the update up. Clipped tokens get no gradient. Per-token losses are reduced by
     :func:`aggregate`.
 
+    Off-policy samples (``sampler_logprobs`` given: the responses were drawn from another policy μ than π_old, e.g.
+    one version older in asynchronous rollouts, or an inference engine's numerics): each token's loss is weighted by
+    the truncated importance ratio ``w = min(π_old / μ, importance_cap)`` (detached), the truncated importance
+    sampling of Yao et al. 2025 ("Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"), which is
+    also the behaviour-policy weight of decoupled PPO (Hilton et al. 2022, "Batch size-invariance for policy
+    optimization"): the clipped ratio stays relative to π_old, the proximal policy; ``importance_cap=None`` leaves
+    the weights untruncated.
+
     Args:
         logprobs: (B, T) log π(a_t) of the current policy (with gradient).
         old_logprobs: (B, T) log-probs of the policy that sampled the rollout (detached).
         advantages: (B, T) per-token advantages; sequence-level advantages (B,) (GRPO, RLOO) must be broadcast by
             the caller, e.g. ``adv[:, None].expand_as(mask)``.
         mask: (B, T) response mask.
+        sampler_logprobs: (B, T) log μ(a_t) of the policy that sampled, or ``None`` (it was π_old).
 
     Returns:
         ``(loss, stats)``; stats (detached scalars): ``clip_frac`` (share of valid tokens where the clipped branch
         is the active one), ``dual_clip_frac`` (share where the dual-clip cap is active, 0 without it),
         ``approx_kl`` (masked mean of ``½ (log π - log π_old)²``, the k2 estimator of KL(π_old || π) as OpenAI
-        baselines and TRL log it) and ``ratio_mean``.
+        baselines and TRL log it) and ``ratio_mean``; with ``sampler_logprobs`` also ``is_weight_mean`` (mean
+        weight after truncation) and ``is_truncated_frac`` (share of tokens whose ratio exceeded the cap).
     """
+    if importance_cap is not None and importance_cap <= 0:
+        raise ValueError(f"importance_cap must be > 0, got {importance_cap}")
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"clip ranges must be >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     if dual_clip is not None and dual_clip <= 1:
@@ -310,6 +323,14 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         cap = -advantages * dual_clip
         is_dual_clipped = (advantages < 0) & (per_token > cap)
         per_token = torch.where(is_dual_clipped, cap, per_token)
+    is_stats = {}
+    if sampler_logprobs is not None:
+        with torch.no_grad():
+            is_ratio = torch.exp(_where_valid(old_logprobs - sampler_logprobs, valid).float()).to(per_token.dtype)
+            weights = is_ratio if importance_cap is None else is_ratio.clamp(max=importance_cap)
+            is_stats = {"is_weight_mean": masked_mean(weights, valid),
+                        "is_truncated_frac": masked_mean((weights < is_ratio).to(ratio.dtype), valid)}
+        per_token = per_token * weights
     loss = aggregate(per_token, valid, aggregation)
     with torch.no_grad():
         stats = {
@@ -317,6 +338,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
             "dual_clip_frac": masked_mean(is_dual_clipped.to(ratio.dtype), valid),
             "approx_kl": masked_mean(0.5 * log_ratio**2, valid),
             "ratio_mean": masked_mean(ratio, valid),
+            **is_stats,
         }
     return loss, stats
 

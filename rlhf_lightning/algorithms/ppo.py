@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from rlhf_lightning import advantages as adv
 from rlhf_lightning.advantages import Estimator
 from rlhf_lightning.algorithms.base import RLHFModule, model_option, option_errors, require
+from rlhf_lightning.algorithms.ppo_async import OneStepOffRollouts
 from rlhf_lightning.algorithms.ppo_rollout import RolloutPhase
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.losses import aggregate, policy_loss, value_loss
@@ -45,7 +46,7 @@ from rlhf_lightning.rollout.rewards import (
 from rlhf_lightning.strategies import DeepSpeedStrategy
 
 
-class PPO(RolloutPhase, RLHFModule):
+class PPO(OneStepOffRollouts, RolloutPhase, RLHFModule):
     """PPO / GRPO / RLOO / REINFORCE++ (see the module docstring for the loop).
 
     Args:
@@ -92,6 +93,9 @@ class PPO(RolloutPhase, RLHFModule):
         value_loss_coef: weight of the value loss.
         entropy_coef: entropy bonus weight.
         loss_aggregation: ``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum``.
+        importance_sampling_cap: with ``rollout.asynchronous`` the responses come from the policy one version old:
+            each token's loss is weighted by ``min(π_old / π_sampler, cap)`` (truncated importance sampling; ``None``:
+            untruncated). See :mod:`rlhf_lightning.algorithms.ppo_async`.
         max_grad_norm: clip the global gradient norm (actor and critic together) before each optimizer step
             (``None`` = off). Lightning's ``trainer.gradient_clip_val`` does not apply to manual optimization.
         rollout: where generation, reference and reward workers run (``local`` or ``ray``; see ``RolloutConfig``).
@@ -114,7 +118,8 @@ class PPO(RolloutPhase, RLHFModule):
         dual_clip: float | None = None,
         value_clip: float | None = 0.2, value_loss_coef: float = 0.5, entropy_coef: float = 0.0,
         loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean",
-        max_grad_norm: float | None = 1.0, rollout: RolloutConfig | None = None, **kwargs: Any,
+        importance_sampling_cap: float | None = 2.0, max_grad_norm: float | None = 1.0,
+        rollout: RolloutConfig | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
@@ -151,6 +156,8 @@ class PPO(RolloutPhase, RLHFModule):
             ("dual_clip", dual_clip, dual_clip is None or dual_clip > 1, "> 1, or null for off"),
             ("value_clip", value_clip, value_clip is None or value_clip > 0, "> 0, or null for off"),
             ("value_loss_coef", value_loss_coef, value_loss_coef >= 0, ">= 0"),
+            ("importance_sampling_cap", importance_sampling_cap,
+             importance_sampling_cap is None or importance_sampling_cap > 0, "> 0, or null for untruncated weights"),
             ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0, "> 0, or null for off"),
         ):
             require(valid, name, value, requirement)
@@ -254,9 +261,15 @@ class PPO(RolloutPhase, RLHFModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         started = time.perf_counter()
         exp = self.make_experience_or_recover(batch)
+        if exp is None:  # asynchronous rollouts, first step: sampling has only started
+            self.end_async_step()
+            return
         trained = time.perf_counter()
         stats = self.train_on_experience(exp)
+        lag = self.policy_version - exp.sampler_version
         self.policy_version += 1
+        if self.rollout_config.asynchronous:
+            self.end_async_step()
         mean_kl, samples = self.global_kl(exp.kl)
         self.kl_controller.update(mean_kl, n_steps=samples)
         done = time.perf_counter()
@@ -267,6 +280,7 @@ class PPO(RolloutPhase, RLHFModule):
             "train/rollout_retries": float(self.rollout_retries),
             **{f"train/reward/{name}": value for name, value in per_source.items()},
             "train/kl": mean_kl, "train/kl_coef": self.kl_controller.value, "train/policy_version": self.policy_version,
+            "train/policy_lag": float(lag),
             "train/response_length": lengths.mean(), **{f"train/{k}": v for k, v in stats.items()},
             "time/generate_s": exp.times.generate_s, "time/score_s": exp.times.score_s, "time/train_s": done - trained,
             "train/samples_per_sec": len(exp) / (done - started),
@@ -323,8 +337,9 @@ class PPO(RolloutPhase, RLHFModule):
         mask = exp.mask[sl]
         logps, token_entropy = self.policy_log_probs(exp.sequences(sl), with_entropy=True)
         old_logps = logps.detach() if exp.old_logps is None else exp.old_logps[sl]
+        sampler_logps = exp.sampler_logps[sl] if exp.sampler_logps is not None else None
         loss, stats = policy_loss(logps, old_logps, exp.advantages[sl], mask, hp.clip_low, hp.clip_high,
-                                  hp.dual_clip, hp.loss_aggregation)
+                                  hp.dual_clip, hp.loss_aggregation, sampler_logps, hp.importance_sampling_cap)
         stats = {k: v.detach() for k, v in stats.items()}
         if not hp.kl_in_reward and self.uses_reference:
             kl = aggregate(adv.kl_penalty(logps, exp.ref_logps[sl], hp.kl_estimator), mask, hp.loss_aggregation)
@@ -347,9 +362,15 @@ class PPO(RolloutPhase, RLHFModule):
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ppo"] = {"policy_version": self.policy_version, "kl": self.kl_controller.state_dict()}
+        if self.rollout_config.asynchronous:  # the responses sampled for the next step (waited for here)
+            checkpoint["ppo"].update(rollouts_started=self.rollouts_started,
+                                     pending_rollouts=self.pending_rollout_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("ppo", {})
         self.policy_version = state.get("policy_version", 0)  # != 0 makes sync_weights push the restored weights
         self.kl_controller.load_state_dict(state.get("kl", {"value": self.kl_controller.value}))
+        if self.rollout_config.asynchronous:
+            self.rollouts_started = state.get("rollouts_started", self.policy_version)
+            self.restore_pending_rollout(state.get("pending_rollouts"))
         rank_zero_info(f"Restored PPO state: policy version {self.policy_version}, KL coef {self.kl_controller.value}")

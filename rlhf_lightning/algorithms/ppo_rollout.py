@@ -30,7 +30,7 @@ from rlhf_lightning.lora import adapters_disabled, merged_state_dict
 from rlhf_lightning.losses import shift_labels
 from rlhf_lightning.models import TINY_PRESET, scalar_head
 from rlhf_lightning.rollout.config import RolloutWorkerError
-from rlhf_lightning.rollout.engine import Rollout
+from rlhf_lightning.rollout.engine import Generated, PendingGeneration, Rollout
 from rlhf_lightning.rollout.experience import Experience, RolloutTimes
 from rlhf_lightning.rollout.rewards import checked_scores, combine_rewards
 from rlhf_lightning.strategies import DeepSpeedStrategy, state_buckets
@@ -115,36 +115,42 @@ class RolloutPhase:
             raise failure
         return result
 
-    def sampling_seed(self) -> int:
-        """Seed of this step's sampling: a function of the run's seed (``seed_everything``), the policy version and
-        the rank, so a resumed run draws the samples the uninterrupted run would have drawn."""
+    def sampling_seed(self, index: int) -> int:
+        """Seed of the ``index``-th rollout's sampling (the policy version; asynchronous: the rollout's number): a
+        function of the run's seed (``seed_everything``), the index and the rank, so a resumed run draws the samples
+        the uninterrupted run would have drawn."""
         base = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return ((base * 1_000_003 + self.policy_version) * 1_009 + self.global_rank * 101) % 2**31
+        return ((base * 1_000_003 + index) * 1_009 + self.global_rank * 101) % 2**31
 
     def generates_with_policy(self) -> bool:
         """Whether the rollout generates with this module's policy itself (``rollout.share_policy``; by default
         wherever that is safe: the ``local`` backend without ZeRO-3 partitioning)."""
         config, strategy = self.rollout_config, self.trainer.strategy
         zero3 = isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
-        safe = self.rollout_backend.in_process and not zero3
+        safe = self.rollout_backend.in_process and not zero3 and not config.asynchronous
         if config.share_policy and not safe:
             raise ConfigError("model.init_args.rollout.share_policy: true needs model.init_args.rollout.backend: "
                               "local and no ZeRO-3 (its partitioned module would gather every layer for every "
                               "generated token): set it to null (automatic) or false.")
         return safe if config.share_policy is None else config.share_policy
 
-    def generate(self, prompt_ids: list[list[int]]) -> list[list[int]]:
-        """Sample ``n_samples_per_prompt`` responses per prompt with the current policy's weights; a worker that
-        answers with other weights (e.g. restarted by Ray since the last push) is a :class:`RolloutWorkerError`."""
+    def start_sampling(self, prompt_ids: list[list[int]], seed: int) -> PendingGeneration:
+        """Start sampling ``n_samples_per_prompt`` responses per prompt with the weights last pushed (and, for
+        asynchronous rollouts, the sampler's log-probs); :meth:`finish_sampling` waits for them."""
         hp, tok = self.hparams, self.tokenizer
-        responses, versions = self.rollout.generate(
+        return self.rollout.generate_async(
             prompt_ids, n=hp.n_samples_per_prompt, max_new_tokens=hp.max_new_tokens, temperature=hp.temperature,
             top_p=hp.top_p, top_k=hp.top_k, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
-            generation_kwargs=hp.generation_kwargs, seed=self.sampling_seed())
-        if any(v != self.policy_version for v in versions):
-            raise RolloutWorkerError(f"Rollout used weight versions {versions}, policy is at {self.policy_version} "
+            generation_kwargs=hp.generation_kwargs, seed=seed, with_log_probs=self.rollout_config.asynchronous)
+
+    def finish_sampling(self, pending: PendingGeneration, version: int) -> Generated:
+        """Wait for :meth:`start_sampling`; a worker that sampled with other weights than ``version`` (e.g. restarted
+        by Ray since the last push) is a :class:`RolloutWorkerError`."""
+        generated = self.rollout.collect(pending)
+        if any(v != version for v in generated.versions):
+            raise RolloutWorkerError(f"Rollout used weight versions {generated.versions}, expected {version} "
                                      f"(a generation worker restarted since the last weight push?).")
-        return responses
+        return generated
 
     def policy_log_probs(self, micro: dict[str, torch.Tensor],
                          with_entropy: bool = False) -> tuple[torch.Tensor, ...]:
@@ -181,11 +187,20 @@ class RolloutPhase:
 
     @torch.no_grad()
     def make_experience(self, batch: dict[str, Any]) -> Experience:
-        hp, tok = self.hparams, self.tokenizer
+        """Sample ``batch`` with the current weights and score it (the synchronous rollout)."""
         started = time.perf_counter()
         self.sync_weights()
-        responses = self.on_all_ranks(lambda: self.generate(batch["prompt_ids"]))
-        generated = time.perf_counter()
+        generated = self.on_all_ranks(lambda: self.finish_sampling(
+            self.start_sampling(batch["prompt_ids"], self.sampling_seed(self.policy_version)), self.policy_version))
+        return self.score_rollout(batch, generated, started)
+
+    @torch.no_grad()
+    def score_rollout(self, batch: dict[str, Any], generated: Generated, started: float) -> Experience:
+        """Score sampled responses (reward sources, reference, old log-probs, values) into an :class:`Experience`;
+        ``started``: when this step's rollout began (its generation time is measured until now)."""
+        hp, tok = self.hparams, self.tokenizer
+        generated_at = time.perf_counter()
+        responses = generated.responses
         n = hp.n_samples_per_prompt
         prompts = [p for p in batch["prompt_ids"] for _ in range(n)]
         input_ids = pad_sequences([p + r for p, r in zip(prompts, responses, strict=True)], tok.pad_token_id)
@@ -234,19 +249,29 @@ class RolloutPhase:
             hp.whiten_advantages))
         self.last_samples = [{"prompt": p, "response": r, "reward": float(s)}
                              for p, r, s in zip(prompt_texts, texts, scores.tolist(), strict=True)]
+        sampler_logps = None
+        if generated.log_probs is not None:  # aligned like ``mask``: response token i of a row is at len(prompt)-1+i
+            sampler_logps = torch.zeros(mask.shape, dtype=torch.float32)
+            for row, (prompt, logps) in enumerate(zip(prompts, generated.log_probs, strict=True)):
+                sampler_logps[row, len(prompt) - 1:len(prompt) - 1 + len(logps)] = torch.tensor(logps)
+            sampler_logps = sampler_logps.to(self.device)
         return Experience(input_ids=input_ids, attention_mask=attention_mask, labels=labels, mask=mask, scores=scores,
                           source_scores=sources, kl=kl, advantages=advantages, old_logps=old_logps,
-                          ref_logps=ref_logps, values=values, returns=returns,
-                          times=RolloutTimes(generate_s=generated - started, score_s=scored - generated))
+                          ref_logps=ref_logps, values=values, returns=returns, sampler_logps=sampler_logps,
+                          sampler_version=min(generated.versions),
+                          times=RolloutTimes(generate_s=generated_at - started, score_s=scored - generated_at))
 
-    def make_experience_or_recover(self, batch: dict[str, Any]) -> Experience:
-        """:meth:`make_experience`, surviving up to ``rollout.max_restarts`` worker failures in this step: once Ray
-        has restarted the dead worker, the current weights are pushed again and the step's rollout is retried.
+    def make_experience_or_recover(self, batch: dict[str, Any]) -> Experience | None:
+        """This step's rollout (:meth:`make_experience`, or with ``rollout.asynchronous``
+        :meth:`~rlhf_lightning.algorithms.ppo_async.OneStepOffRollouts.next_experience_async`), surviving up to
+        ``rollout.max_restarts`` worker failures in this step: once Ray has restarted the dead worker, the current
+        weights are pushed again and the step's rollout is retried (sampling lost with the worker is redone).
         Otherwise (or if the worker stays dead) every rank saves a checkpoint and the run stops, naming the worker.
         """
+        make = self.next_experience_async if self.rollout_config.asynchronous else self.make_experience
         for attempt in range(self.rollout_config.max_restarts + 1):
             try:
-                return self.make_experience(batch)
+                return make(batch)
             except RolloutWorkerError as err:
                 failure = err
             if attempt == self.rollout_config.max_restarts:
@@ -258,6 +283,7 @@ class RolloutPhase:
                 break
             rank_zero_warn(f"{failure} The worker is back: pushing the weights again and retrying the step.")
             self.synced_version = -1  # a restarted generation worker holds its initial weights
+            self.forget_lost_sampling()
             self.rollout_retries += 1
         raise RolloutWorkerError(f"{failure} Stopping the run; {self.save_failure_checkpoint()}") from failure
 

@@ -12,7 +12,10 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+import torch
 
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.rollout.config import RolloutConfig, RolloutWorkerError, WorkerGroup
@@ -70,19 +73,55 @@ class _Ready:
     def __init__(self, value: Any) -> None:
         self.value = value
 
+    def result(self) -> Any:
+        return self.value
+
 
 class LocalBackend(Backend):
-    """Workers are plain objects in the trainer process; calls run when made."""
+    """Workers are plain objects in the trainer process. Calls run when made; with ``rollout.asynchronous`` each
+    worker runs its calls in order on a thread of its own (on a GPU, on a CUDA stream of its own), so that
+    generating the next rollout overlaps the trainer's update as Ray actors do."""
+
+    def __init__(self, config: RolloutConfig) -> None:
+        super().__init__(config)
+        self.threads: dict[int, ThreadPoolExecutor] = {}  # id(worker) -> its thread (asynchronous mode)
+        self.streams: dict[int, Any] = {}  # id(worker) -> its CUDA stream, made on the worker's thread
 
     def make(self, group: str, index: int, cls: type, path: str, resources: WorkerGroup, kwargs: dict[str, Any],
              create: bool) -> Any:
-        return cls(path, **kwargs)
+        worker = cls(path, **kwargs)
+        if self.config.asynchronous:
+            self.threads[id(worker)] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rollout-{group}")
+        return worker
 
-    def call(self, worker: Any, method: str, *args: Any, **kwargs: Any) -> _Ready:
-        return _Ready(getattr(worker, method)(*args, **kwargs))
+    def call(self, worker: Any, method: str, *args: Any, **kwargs: Any) -> _Ready | Future:
+        thread = self.threads.get(id(worker))
+        if thread is None:
+            return _Ready(getattr(worker, method)(*args, **kwargs))
+        return thread.submit(self._on_own_stream, worker, method, args, kwargs)
+
+    def _on_own_stream(self, worker: Any, method: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Run a call on the worker's thread. On a GPU, on its own stream (the trainer's kernels and the worker's
+        then run concurrently): it first waits for the work the trainer queued before the call (e.g. the optimizer
+        step whose weights a push reads), and is finished on the GPU before its result is handed back."""
+        device = getattr(worker, "device", None)
+        if device is None or device.type != "cuda":
+            return getattr(worker, method)(*args, **kwargs)
+        stream = self.streams.setdefault(id(worker), torch.cuda.Stream(device))
+        stream.wait_stream(torch.cuda.default_stream(device))
+        with torch.cuda.stream(stream):
+            result = getattr(worker, method)(*args, **kwargs)
+        stream.synchronize()
+        return result
 
     def wait(self, handles: list[Any]) -> list[Any]:
-        return [h.value for h in handles]
+        return [h.result() for h in handles]
+
+    def shutdown(self, workers: list[Any]) -> None:
+        for worker in workers:
+            thread = self.threads.pop(id(worker), None)
+            if thread is not None:
+                thread.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------- Ray

@@ -49,6 +49,12 @@ class RolloutConfig:
             holding its own copy of the policy (no second copy in memory, no weight push each step). ``None``
             (default): on wherever it is safe, i.e. on the ``local`` backend unless ZeRO-3 partitions the module
             (every generated token would then gather each layer from all ranks); ``true`` where unsafe is an error.
+        asynchronous: one-step-off rollouts: the next batch of prompts is sampled (with the weights of the current
+            step) while the trainer updates on the previous one, so each update trains on responses of the policy
+            one version old, weighted by truncated importance sampling against the sampler's own log-probs (PPO's
+            ``importance_sampling_cap``). On ``ray`` the generation actors overlap the update; on ``local`` each
+            worker runs on a thread of its own (and, on a GPU, a CUDA stream); the trained module never generates
+            itself then (``share_policy`` must not be true).
         weight_sync_bucket_mb: the policy's weights go to the generation workers in buckets of about this size,
             gathered (from ZeRO-3 partitions) one bucket at a time, so the trainer never holds a second full copy.
         generation: generation workers (the prompts of a step are split among them).
@@ -62,6 +68,7 @@ class RolloutConfig:
     startup_timeout: float = 600.0
     max_restarts: int = 0
     share_policy: bool | None = None
+    asynchronous: bool = False
     weight_sync_bucket_mb: float = 256.0
     generation: WorkerGroup = field(default_factory=WorkerGroup)
     reference: WorkerGroup = field(default_factory=WorkerGroup)
@@ -71,6 +78,10 @@ class RolloutConfig:
         if self.weight_sync_bucket_mb <= 0:
             raise ConfigError(f"model.init_args.rollout.weight_sync_bucket_mb must be > 0 (got "
                               f"{self.weight_sync_bucket_mb}).")
+        if self.share_policy and self.asynchronous:
+            raise ConfigError("model.init_args.rollout.share_policy: true cannot be combined with "
+                              "model.init_args.rollout.asynchronous: true (the module would sample while it is being "
+                              "updated): set share_policy to null (automatic) or false.")
         if self.share_policy and self.backend != "local":
             raise ConfigError("model.init_args.rollout.share_policy: true needs model.init_args.rollout.backend: "
                               "local (Ray generation actors hold their own copy of the policy): set it to null "

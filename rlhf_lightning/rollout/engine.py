@@ -14,6 +14,7 @@ Failures are loud and early: worker groups asking for more CPUs/GPUs than a loca
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +29,27 @@ from rlhf_lightning.rollout.workers import (
     RewardModelWorker,
 )
 
-__all__ = ["Rollout", "RolloutConfig", "RolloutWorkerError", "WorkerGroup"]
+__all__ = ["Generated", "PendingGeneration", "Rollout", "RolloutConfig", "RolloutWorkerError", "WorkerGroup"]
+
+
+@dataclass
+class PendingGeneration:
+    """Sampling in progress on the generation workers: ``(worker index, handle)`` per worker given prompts."""
+
+    handles: list[tuple[int, Any]]
+    prompts: int
+    workers: int
+    n: int
+
+
+@dataclass
+class Generated:
+    """Sampled responses (``n`` per prompt, grouped by prompt), the weight version each worker sampled with, and
+    (when asked for) the sampler's log-prob of every response token."""
+
+    responses: list[list[int]]
+    versions: list[int]
+    log_probs: list[list[float]] | None = None
 
 
 class Rollout:
@@ -98,20 +119,35 @@ class Rollout:
             raise RuntimeError(f"Generation workers report weight versions {versions}, expected {version}.")
 
     def generate(self, prompt_ids: list[list[int]], **sampling: Any) -> tuple[list[list[int]], list[int]]:
-        """Split the prompts over the generation workers; responses grouped by prompt, and each worker's version.
-        A ``seed`` is offset by the worker's index, so workers draw different samples."""
+        """Split the prompts over the generation workers and wait: responses grouped by prompt, and each worker's
+        version (:meth:`generate_async`, then :meth:`collect`)."""
+        generated = self.collect(self.generate_async(prompt_ids, **sampling))
+        return generated.responses, generated.versions
+
+    def generate_async(self, prompt_ids: list[list[int]], **sampling: Any) -> PendingGeneration:
+        """Start sampling: the prompts are split over the generation workers, a ``seed`` offset by the worker's
+        index (workers draw different samples). Resolve with :meth:`collect`."""
         workers = self.workers["generation"]
         chunks = [prompt_ids[i::len(workers)] for i in range(len(workers))]
         seed = sampling.pop("seed", None)
         handles = [(i, self._call(w, "generate", chunk, **sampling, seed=None if seed is None else seed + i))
                    for i, (w, chunk) in enumerate(zip(workers, chunks, strict=True)) if chunk]
-        results = self.wait([h for _, h in handles])
-        n = sampling["n"]
-        per_prompt: list[list[list[int]]] = [[] for _ in prompt_ids]
-        for (worker_index, _), result in zip(handles, results, strict=True):
+        return PendingGeneration(handles, len(prompt_ids), len(workers), sampling["n"])
+
+    def collect(self, pending: PendingGeneration) -> Generated:
+        """Wait for a :meth:`generate_async` call; responses (and sampler log-probs) back in prompt order."""
+        results = self.wait([h for _, h in pending.handles])
+        n, stride = pending.n, pending.workers
+        per_prompt: list[list[list[int]]] = [[] for _ in range(pending.prompts)]
+        per_prompt_logps: list[list[list[float]]] = [[] for _ in range(pending.prompts)]
+        for (worker_index, _), result in zip(pending.handles, results, strict=True):
             for j, start in enumerate(range(0, len(result["responses"]), n)):
-                per_prompt[worker_index + j * len(workers)] = result["responses"][start:start + n]
-        return [r for group in per_prompt for r in group], [r["version"] for r in results]
+                per_prompt[worker_index + j * stride] = result["responses"][start:start + n]
+                if result.get("log_probs") is not None:
+                    per_prompt_logps[worker_index + j * stride] = result["log_probs"][start:start + n]
+        with_logps = all(r.get("log_probs") is not None for r in results)
+        return Generated([r for group in per_prompt for r in group], [r["version"] for r in results],
+                         [lp for group in per_prompt_logps for lp in group] if with_logps else None)
 
     def score_async(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                     normalize_rewards: bool, temperature: float = 1.0) -> dict[str, Any]:

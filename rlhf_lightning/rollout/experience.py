@@ -35,6 +35,9 @@ class Experience:
             are the same (one epoch, one mini-batch, no reference).
         ref_logps: (N, L - 1) reference log-probs, when a reference is used.
         values, returns: (N, L - 1) the critic's values at sampling time and its targets (GAE only).
+        sampler_logps: (N, L - 1) log-probs the generation workers sampled the responses with (asynchronous
+            rollouts: a policy one version older than the one updated), for the importance weights.
+        sampler_version: the policy version that sampled the responses.
         times: phase timings of the rollout.
     """
 
@@ -50,6 +53,8 @@ class Experience:
     ref_logps: torch.Tensor | None = None
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    sampler_logps: torch.Tensor | None = None
+    sampler_version: int = 0
     times: RolloutTimes | None = None
 
     def __len__(self) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rlhf_lightning.generation import generate_responses
+from rlhf_lightning.generation import sample_responses
 from rlhf_lightning.logprobs import label_log_probs
 from rlhf_lightning.models import last_token_rewards, load_causal_lm
 
@@ -82,12 +82,14 @@ class GenerationWorker(ModelWorker):
     def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float,
                  top_k: int, eos_token_ids: list[int], pad_token_id: int,
                  generation_kwargs: dict[str, Any] | None = None, seed: int | None = None,
-                 streamer: Any = None, prompt_seeds: list[int] | None = None) -> dict:
-        """:func:`~rlhf_lightning.generation.generate_responses` with this worker's model, plus the version of its
-        weights (the trainer checks a rollout never used stale ones)."""
-        responses = generate_responses(self.model, prompt_ids, n, max_new_tokens, temperature, top_p, top_k,
-                                       eos_token_ids, pad_token_id, generation_kwargs, seed, streamer, prompt_seeds)
-        return {"responses": responses, "version": self.version}
+                 streamer: Any = None, prompt_seeds: list[int] | None = None, with_log_probs: bool = False) -> dict:
+        """:func:`~rlhf_lightning.generation.sample_responses` with this worker's model: ``responses``, the
+        ``version`` of its weights (the trainer checks which policy sampled) and, ``with_log_probs``, the sampler's
+        ``log_probs`` of the response tokens (for the importance weights of asynchronous rollouts)."""
+        responses, log_probs = sample_responses(self.model, prompt_ids, n, max_new_tokens, temperature, top_p, top_k,
+                                                eos_token_ids, pad_token_id, generation_kwargs, seed, streamer,
+                                                prompt_seeds, with_log_probs=with_log_probs)
+        return {"responses": responses, "version": self.version, "log_probs": log_probs}
 
 
 class PolicyGenerationWorker(GenerationWorker):

@@ -3,12 +3,13 @@ version of lag, never more), learning on the local and Ray backends, and the con
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
 import pytest
 import torch
-from conftest import metric_series, read_metrics, run_cli
+from conftest import load_weights, metric_series, read_metrics, run_cli
 from test_ppo import assert_reward_rises, rl_args, sft_model_dir  # noqa: F401 -- the fixture is shared
 
 from rlhf_lightning.errors import ConfigError
@@ -62,7 +63,8 @@ def test_asynchronous_local_backend_runs_each_worker_on_its_own_thread_in_order(
     backend = LocalBackend(RolloutConfig(asynchronous=True))
     a, b = (backend.make(g, 0, lambda _path: SlowWorker(), "", WorkerGroup(), {}, True) for g in ("gen", "ref"))
     started = time.perf_counter()
-    handles = [backend.call(a, "work", "a1", 0.3), backend.call(a, "work", "a2", 0.0), backend.call(b, "work", "b", 0.3)]
+    handles = [backend.call(a, "work", "a1", 0.3), backend.call(a, "work", "a2", 0.0),
+               backend.call(b, "work", "b", 0.3)]
     launched = time.perf_counter() - started
     assert backend.wait(handles) == ["a1", "a2", "b"]
     took = time.perf_counter() - started
@@ -98,3 +100,21 @@ def test_async_grpo_learns_with_one_version_of_lag(tmp_path, sft_model_dir):  # 
     assert weights[0] == pytest.approx(1.0, abs=1e-4)  # the sampler was the updated policy: ratio 1
     assert all(0 < w <= 2.0 for w in weights) and any(abs(w - 1) > 1e-3 for w in weights[1:])
     assert all(0 <= f < 0.5 for f in metric_series(rows, "train/is_truncated_frac"))
+
+
+def test_async_ppo_with_reference_on_ray(tmp_path, sft_model_dir, monkeypatch):  # noqa: F811
+    """Ray actors: the generation actor samples the next batch while the trainer updates; with a reference worker
+    (KL in the reward, so the old log-probs get their own pass) and a critic. Lags, weights, finite losses."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    run_dir = tmp_path / "async-ppo-ray"
+    run_cli(async_args(run_dir, sft_model_dir, "--trainer.max_steps", "4", "--model.init_args.advantage_estimator",
+                       "gae", "--model.init_args.kl_in_reward", "true", "--model.init_args.rollout.backend", "ray",
+                       "--model.init_args.rollout.namespace", "test-async"))
+    rows = read_metrics(run_dir)
+    assert metric_series(rows, "train/policy_lag") == [0.0, 1.0, 1.0, 1.0]
+    assert metric_series(rows, "train/policy_version") == [1.0, 2.0, 3.0, 4.0]
+    for key in ("train/policy_loss", "train/value_loss", "train/kl", "train/is_weight_mean"):
+        assert all(math.isfinite(v) for v in metric_series(rows, key)), key
+    assert metric_series(rows, "train/kl")[0] == pytest.approx(0.0, abs=1e-4)  # reference = sampler = policy
+    before, after = load_weights(sft_model_dir), load_weights(run_dir / "hf")
+    assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])

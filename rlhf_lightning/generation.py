@@ -107,16 +107,19 @@ def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], n: int
                               **sampling, **kwargs)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     shared = shared_prefill(model, input_ids, attention_mask, n) if can_share_prefill(n, width, config) else {}
+    processors = []
+    if own_sampler:  # greedy decoding takes the token it draws; the global RNG is not touched (thread-safe)
+        if prompt_seeds is not None:
+            uniforms = row_uniforms([s for s in prompt_seeds for _ in range(n)], n, max_new_tokens)
+        else:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            uniforms = torch.rand(len(prompt_ids), max_new_tokens, generator=generator)
+        processors.append(InverseCdfSampler(uniforms, temperature, top_p, top_k, sampler_kwargs, device,
+                                            record_log_probs=with_log_probs))
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type, enabled=seed is not None):
-        if seed is not None:
+    with torch.random.fork_rng(devices=devices, device_type=device.type, enabled=seed is not None and not own_sampler):
+        if seed is not None and not own_sampler:  # generate's own sampling draws from the global RNG
             torch.manual_seed(seed)
-        processors = []
-        if own_sampler:  # greedy decoding takes the token it draws
-            uniforms = row_uniforms([s for s in prompt_seeds for _ in range(n)], n, max_new_tokens) \
-                if prompt_seeds is not None else torch.rand(len(prompt_ids), max_new_tokens)
-            processors.append(InverseCdfSampler(uniforms, temperature, top_p, top_k, sampler_kwargs, device,
-                                                record_log_probs=with_log_probs))
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                              streamer=streamer, synced_gpus=synced_gpus, **shared,
                              logits_processor=LogitsProcessorList(processors))

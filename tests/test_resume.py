@@ -53,8 +53,10 @@ def logged(run_dir, version: int, key: str) -> dict[int, float]:
     return {int(r["step"]): float(r[key]) for r in rows if r.get(key) not in (None, "")}
 
 
-def assert_crash_resume_matches(tmp_path, config, data, model, keys: tuple[str, ...], *extra: str) -> None:
-    """Uninterrupted run vs. a run killed at ``KILL_STEP`` and resumed from the checkpoint at ``CHECKPOINT_STEP``."""
+def assert_crash_resume_matches(tmp_path, config, data, model, keys: tuple[str, ...], *extra: str,
+                                logged_steps: range = range(CHECKPOINT_STEP, MAX_STEPS)) -> None:
+    """Uninterrupted run vs. a run killed at ``KILL_STEP`` and resumed from the checkpoint at ``CHECKPOINT_STEP``:
+    the resumed run logs ``logged_steps``, each as the uninterrupted run did."""
     reference, crashed = tmp_path / "uninterrupted", tmp_path / "crashed"
     run_cli(run_args(reference, config, data, model, 0, *extra))
     run_killed(run_args(crashed, config, data, model, 0, *extra), KILL_STEP)
@@ -62,7 +64,7 @@ def assert_crash_resume_matches(tmp_path, config, data, model, keys: tuple[str, 
     run_cli(run_args(crashed, config, data, model, 1, *extra, "--ckpt_path", "last"))
     for key in keys:
         expected, resumed = logged(reference, 0, key), logged(crashed, 1, key)
-        assert sorted(resumed) == list(range(CHECKPOINT_STEP, MAX_STEPS)), (key, sorted(resumed))
+        assert sorted(resumed) == list(logged_steps), (key, sorted(resumed))
         torch.testing.assert_close(torch.tensor([resumed[s] for s in sorted(resumed)], dtype=torch.float64),
                                    torch.tensor([expected[s] for s in sorted(resumed)], dtype=torch.float64),
                                    rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
@@ -106,3 +108,19 @@ def test_grpo_crash_in_a_later_epoch_resumes_exactly(tmp_path, tiny_model_dir):
              "--model.init_args.lr_scheduler", "constant", "--model.init_args.warmup_steps", "0")
     assert_crash_resume_matches(tmp_path, CONFIGS / "grpo.yaml", PROMPTS, tiny_model_dir,
                                 ("train/reward", "train/kl_coef", "train/policy_loss", "probe/rand"), *extra)
+
+
+def test_async_grpo_crash_in_a_later_epoch_resumes_exactly(tmp_path, tiny_model_dir):
+    """Asynchronous rollouts: the checkpoint keeps the batch sampled for the next step (with its responses and the
+    sampler's log-probs), so the resumed run trains on exactly what the uninterrupted run trained on. (The first
+    batch only starts sampling, so the logger's step runs one ahead of the optimizer steps.)"""
+    extra = ("--model.init_args.reward_functions", '["resume_helpers:prompt_and_length"]', "--data.init_args.path",
+             str(PROMPTS), "--data.init_args.max_samples", "16", "--data.init_args.batch_size", "4",
+             "--model.init_args.n_samples_per_prompt", "4", "--model.init_args.max_new_tokens", "4",
+             "--model.init_args.micro_batch_size", "16", "--model.init_args.rollout.asynchronous", "true",
+             "--model.init_args.temperature", "1.0", "--model.init_args.kl_target", "0.1",
+             "--model.init_args.lr_scheduler", "constant", "--model.init_args.warmup_steps", "0")
+    assert_crash_resume_matches(tmp_path, CONFIGS / "grpo.yaml", PROMPTS, tiny_model_dir,
+                                ("train/reward", "train/kl_coef", "train/policy_loss", "train/is_weight_mean",
+                                 "train/policy_lag", "probe/rand"), *extra,
+                                logged_steps=range(CHECKPOINT_STEP + 1, MAX_STEPS + 1))

@@ -180,6 +180,47 @@ def test_policy_loss_matches_reference_values_and_gradients(mode, clip_low, clip
     assert (grad[mask == 0] == 0).all()
 
 
+def test_policy_loss_truncated_importance_weights_by_hand():
+    # Yao et al. 2025: per-token loss × min(π_old / μ, cap), the weight detached. cap 2, clip 0.2, A = +1, r = 1:
+    #   π_old/μ = 0.5 -> weight 0.5: loss -0.5, gradient -0.5
+    #   π_old/μ = 1.5 -> weight 1.5: loss -1.5, gradient -1.5
+    #   π_old/μ = 4   -> truncated at 2: loss -2, gradient -2
+    #   masked token (π_old/μ = 100): no weight, no loss
+    adv = t([[1.0, 1.0, 1.0, 1.0]])
+    old = t([[-1.0, -1.0, -1.0, -1.0]])
+    logp = old.clone().requires_grad_()
+    sampler = old - t([[math.log(0.5), math.log(1.5), math.log(4.0), math.log(100.0)]])
+    mask = t([[1.0, 1.0, 1.0, 0.0]])
+    loss, stats = policy_loss(logp, old, adv, mask, sampler_logprobs=sampler, importance_cap=2.0)
+    assert loss.item() == pytest.approx((-0.5 - 1.5 - 2.0) / 3)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, t([[-0.5 / 3, -1.5 / 3, -2.0 / 3, 0.0]]))
+    assert stats["is_weight_mean"].item() == pytest.approx((0.5 + 1.5 + 2.0) / 3)
+    assert stats["is_truncated_frac"].item() == pytest.approx(1 / 3)
+    untruncated, stats = policy_loss(logp, old, adv, mask, sampler_logprobs=sampler, importance_cap=None)
+    assert untruncated.item() == pytest.approx((-0.5 - 1.5 - 4.0) / 3) and stats["is_truncated_frac"].item() == 0
+    on_policy, _ = policy_loss(logp, old, adv, mask, sampler_logprobs=old)  # μ = π_old: the plain PPO loss
+    assert torch.equal(on_policy, policy_loss(logp, old, adv, mask)[0])
+    with pytest.raises(ValueError, match="importance_cap"):
+        policy_loss(logp, old, adv, mask, sampler_logprobs=sampler, importance_cap=0.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_policy_loss_importance_weights_on_random_inputs(mode):
+    """Against the reference per-token PPO loss times min(exp(old - sampler), cap), through every aggregation."""
+    old, mask = random_batch(seed=5)
+    gen = torch.Generator().manual_seed(6)
+    logp = (old + 0.3 * torch.randn(old.shape, generator=gen, dtype=F64)).requires_grad_()
+    sampler = old + 0.8 * torch.randn(old.shape, generator=gen, dtype=F64)
+    adv = torch.randn(old.shape, generator=gen, dtype=F64)
+    loss, _ = policy_loss(logp, old, adv, mask, 0.2, 0.28, 3.0, mode, sampler, 1.5)
+    weights = torch.exp(old - sampler).clamp(max=1.5)
+    rows, lengths = per_token_lists(lambda lp, o, a: ref_ppo_token(lp, o, a, 0.2, 0.28, 3.0), logp, old, adv,
+                                    mask=mask)
+    weighted = [[v * weights[i, j] for j, v in enumerate(row)] for i, row in enumerate(rows)]
+    torch.testing.assert_close(loss, ref_aggregate(weighted, lengths, mode))
+
+
 @pytest.mark.parametrize("garbage", GARBAGE)
 def test_policy_loss_ignores_masked_positions(garbage):
     old, mask = random_batch(seed=4)

@@ -107,7 +107,9 @@ class LocalBackend(Backend):
         device = getattr(worker, "device", None)
         if device is None or device.type != "cuda":
             return getattr(worker, method)(*args, **kwargs)
-        stream = self.streams.setdefault(id(worker), torch.cuda.Stream(device))
+        if id(worker) not in self.streams:
+            self.streams[id(worker)] = torch.cuda.Stream(device)
+        stream = self.streams[id(worker)]
         stream.wait_stream(torch.cuda.default_stream(device))
         with torch.cuda.stream(stream):
             result = getattr(worker, method)(*args, **kwargs)

@@ -346,7 +346,14 @@ def trl_training_args(spec: dict[str, Any]) -> dict[str, Any]:
     batch of ``spec["batch_size"]``, ``spec["trl_optim"]`` without weight decay at a constant learning rate,
     clipping at norm 1.0, fp32 weights (or bf16 mixed), and gradient checkpointing, logging backends, evaluation,
     checkpoints and progress bar off. TRL 1.16 defaults to bf16 and to gradient checkpointing (whose alias
-    ``activation_checkpointing`` transformers 5 also reads), so both are set explicitly."""
+    ``activation_checkpointing`` transformers 5.2x also reads), so both are set explicitly (earlier transformers
+    have only ``gradient_checkpointing``)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return {
         "output_dir": spec["root_dir"],
         "max_steps": spec["steps"],
@@ -360,7 +367,7 @@ def trl_training_args(spec: dict[str, Any]) -> dict[str, Any]:
         "max_grad_norm": 1.0,
         "bf16": spec["dtype"] == "bf16",
         "fp16": False,
-        "activation_checkpointing": False,
+        checkpointing: False,
         "use_cpu": spec["device"] == "cpu",
         "report_to": "none",
         "eval_strategy": "no",

@@ -80,9 +80,14 @@ def test_asynchronous_local_backend_runs_each_worker_on_its_own_thread_in_order(
     assert worker.calls[0][1] == threading.get_ident()  # without asynchronous: in the caller's thread
 
 
-def test_share_policy_true_with_asynchronous_is_refused():
+def test_share_policy_true_with_asynchronous_or_a_bad_cap_is_refused():
+    from rlhf_lightning.algorithms import PPO
+
     with pytest.raises(ConfigError, match="share_policy.*asynchronous"):
         RolloutConfig(share_policy=True, asynchronous=True)
+    with pytest.raises(ConfigError, match="importance_sampling_cap"):
+        PPO(model="tiny-llama", reward_functions=["rlhf_lightning.tasks.reverse:exact_match"],
+            importance_sampling_cap=0.0)
 
 
 def async_args(run_dir, model, *extra: str) -> list[str]:

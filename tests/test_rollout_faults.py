@@ -101,7 +101,8 @@ def kill_generation_actor_at_step_2(prompts, responses, labels):
     """A rule reward that, on its second call, SIGKILLs the generation actor's process."""
     global calls
     calls += 1
-    actor = ray.get_actor("test-faults-generation-0", namespace="test-faults")
+    namespace = os.environ["KILLER_NAMESPACE"]
+    actor = ray.get_actor(f"{namespace}-generation-0", namespace=namespace)
     if calls == 2:
         pid = ray.get(actor.pid.remote())
         os.kill(pid, signal.SIGKILL)
@@ -114,47 +115,65 @@ def kill_generation_actor_at_step_2(prompts, responses, labels):
 '''
 
 
-def killer_run_args(tmp_path: Path, model: Path, max_steps: int, *extra: str) -> list[str]:
-    """A short GRPO run on Ray whose reward function kills the generation actor's process during step 2."""
+def killer_run_args(tmp_path: Path, model: Path, max_steps: int, *extra: str,
+                    namespace: str = "test-faults") -> list[str]:
+    """A short GRPO run on Ray whose reward function kills the generation actor's process during step 2 (the
+    actors in ``namespace``: a run stopped by the failure leaves its other actors behind)."""
     (tmp_path / "killer.py").write_text(KILLER)
+    os.environ["KILLER_NAMESPACE"] = namespace
     return base_args(tmp_path / "run", model, data=PROMPTS, config=REPO / "configs" / "tiny" / "grpo.yaml") + [
         "--trainer.max_steps", str(max_steps), "--data.init_args.batch_size", "2",
         "--model.init_args.n_samples_per_prompt", "2", "--model.init_args.max_new_tokens", "4",
         "--model.init_args.micro_batch_size", "4",
         "--model.init_args.reward_functions", json.dumps([f"{tmp_path}/killer.py:kill_generation_actor_at_step_2"]),
-        "--model.init_args.rollout.backend", "ray", "--model.init_args.rollout.namespace", "test-faults", *extra]
+        "--model.init_args.rollout.backend", "ray", "--model.init_args.rollout.namespace", namespace, *extra]
 
 
+@pytest.mark.parametrize("asynchronous", ["false", "true"])
 def test_restarted_generation_actor_gets_the_weights_and_the_run_goes_on(tmp_path, tiny_model_dir, local_ray,
-                                                                         monkeypatch):
+                                                                         monkeypatch, asynchronous):
     """With ``rollout.max_restarts: 1`` Ray restarts the killed actor (a new process, initial weights); the trainer
-    pushes the current weights again (the version check refuses samples from stale ones) and finishes the run."""
+    pushes the current weights again (the version check refuses samples from stale ones) and finishes the run.
+    Asynchronous: the actor dies while it samples the next batch; that batch is sampled again after the restart."""
     killed_at = tmp_path / "killed.json"
     monkeypatch.setenv("KILLED_AT_FILE", str(killed_at))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # an earlier run's teardown may have shut the cluster down
-    run_cli(killer_run_args(tmp_path, tiny_model_dir, 4, "--model.init_args.rollout.max_restarts", "1"))
+    run_cli(killer_run_args(tmp_path, tiny_model_dir, 4, "--model.init_args.rollout.max_restarts", "1",
+                            "--model.init_args.rollout.asynchronous", asynchronous))
     rows = read_metrics(tmp_path / "run")
     assert metric_series(rows, "train/policy_version") == [1.0, 2.0, 3.0, 4.0]
+    if asynchronous == "true":
+        assert max(metric_series(rows, "train/policy_lag")) <= 1
     assert metric_series(rows, "train/rollout_retries")[-1] <= 1  # 0 when the restart won the race with the push
     before, after = (json.loads(p.read_text())["pid"] for p in (killed_at, Path(f"{killed_at}.after")))
     assert after != before  # generation went on in the restarted process
 
 
-def test_killed_generation_actor_stops_the_run_with_a_checkpoint(tmp_path, tiny_model_dir, local_ray, monkeypatch):
-    """GRPO on Ray; the generation actor's process is killed during step 2: step 3's weight push fails within
-    seconds, naming the actor, after a checkpoint of the state before step 3 is saved."""
+@pytest.mark.parametrize("asynchronous", ["false", "true"])
+def test_killed_generation_actor_stops_the_run_with_a_checkpoint(tmp_path, tiny_model_dir, local_ray, monkeypatch,
+                                                                 asynchronous):
+    """GRPO on Ray; the generation actor's process is killed during step 2: step 3's weight push (asynchronous: the
+    wait for the batch it was sampling, or the push after it) fails within seconds, naming the actor, after a
+    checkpoint of the state before step 3 is saved; asynchronous, it keeps the batch step 3 was to train on."""
     killed_at = tmp_path / "killed.json"
     monkeypatch.setenv("KILLED_AT_FILE", str(killed_at))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # an earlier run's teardown may have shut the cluster down
     run_dir = tmp_path / "run"
     with pytest.raises(RolloutWorkerError) as err:
-        run_cli(killer_run_args(tmp_path, tiny_model_dir, 6))
+        run_cli(killer_run_args(tmp_path, tiny_model_dir, 6, "--model.init_args.rollout.asynchronous", asynchronous,
+                                namespace=f"test-faults-stop-{asynchronous}"))
     stopped = time.time()
     message = str(err.value)
-    assert "Ray rollout actor 'test-faults-generation-0' died" in message, message
+    assert f"Ray rollout actor 'test-faults-stop-{asynchronous}-generation-0' died" in message, message
     checkpoint = run_dir / "checkpoints" / "rollout-failure-step2.ckpt"
     assert f"checkpoint saved to {checkpoint}" in message, message
-    assert _checkpoint_state(checkpoint)["ppo"]["policy_version"] == 2  # two steps trained before the failure
+    state = _checkpoint_state(checkpoint)["ppo"]
+    assert state["policy_version"] == 2  # two steps trained before the failure
+    if asynchronous == "true":
+        (pending,) = state["pending_rollouts"]
+        assert len(pending["batch"]["prompt_ids"]) == 2  # the batch step 3 was to train on
+        # Its responses, if the actor finished them before it died (else resuming samples it again).
+        assert pending["generated"] is None or pending["generated"]["versions"] == [1]
     seconds = stopped - json.loads(killed_at.read_text())["time"]
     print(f"killed generation actor -> run stopped (checkpoint saved) in {seconds:.1f} s")
     assert seconds < 30, seconds

@@ -134,7 +134,7 @@ def test_restarted_generation_actor_gets_the_weights_and_the_run_goes_on(tmp_pat
                                                                          monkeypatch, asynchronous):
     """With ``rollout.max_restarts: 1`` Ray restarts the killed actor (a new process, initial weights); the trainer
     pushes the current weights again (the version check refuses samples from stale ones) and finishes the run.
-    Asynchronous: the actor dies while it samples the next batch; that batch is sampled again after the restart."""
+    Asynchronous: a batch whose sampling died with the actor is sampled again after the restart."""
     killed_at = tmp_path / "killed.json"
     monkeypatch.setenv("KILLED_AT_FILE", str(killed_at))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # an earlier run's teardown may have shut the cluster down

@@ -29,8 +29,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lightning import advantages as adv
 from rlhf_lightning.advantages import Estimator
-from rlhf_lightning.algorithms.base import RLHFModule, model_option, option_errors, require
+from rlhf_lightning.algorithms.base import RLHFModule, model_option
 from rlhf_lightning.algorithms.ppo_async import OneStepOffRollouts
+from rlhf_lightning.algorithms.ppo_options import check_options, reward_sources
 from rlhf_lightning.algorithms.ppo_rollout import RolloutPhase
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.losses import aggregate, policy_loss, value_loss
@@ -38,11 +39,6 @@ from rlhf_lightning.rollout.backends import make_backend
 from rlhf_lightning.rollout.config import RolloutConfig
 from rlhf_lightning.rollout.engine import Rollout
 from rlhf_lightning.rollout.experience import Experience
-from rlhf_lightning.rollout.rewards import (
-    RemoteReward,
-    load_reward_fn,
-    source_names,
-)
 from rlhf_lightning.strategies import DeepSpeedStrategy
 
 
@@ -131,58 +127,9 @@ class PPO(OneStepOffRollouts, RolloutPhase, RLHFModule):
         self.rollout_retries = 0  # steps retried after a rollout worker restarted (rollout.max_restarts)
         self.kl_controller = (adv.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if kl_target
                               else adv.FixedKLController(kl_coef))
-        # Option checks (ConfigError naming the option), cheapest first; cross-object ones are in check_config.
-        for name, value, valid, requirement in (
-            ("n_samples_per_prompt", n_samples_per_prompt, n_samples_per_prompt >= 1, ">= 1"),
-            ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
-            ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
-            ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
-            ("top_k", top_k, top_k >= 0, ">= 0 (0 = off)"),
-            ("remote_reward_timeout", remote_reward_timeout, remote_reward_timeout > 0, "> 0 seconds"),
-            ("reward_clip", reward_clip, reward_clip is None or reward_clip > 0, "> 0, or null for no clipping"),
-            ("kl_coef", kl_coef, kl_coef >= 0, ">= 0"),
-            ("kl_target", kl_target, kl_target is None or kl_target > 0, "> 0, or null for a fixed kl_coef"),
-            ("kl_horizon", kl_horizon, kl_horizon >= 1, ">= 1"),
-            ("critic_learning_rate", critic_learning_rate, critic_learning_rate is None or critic_learning_rate > 0,
-             "> 0, or null for the optimizer's"),
-            ("gamma", gamma, 0 <= gamma <= 1, "in [0, 1]"),
-            ("lam", lam, 0 <= lam <= 1, "in [0, 1]"),
-            ("ppo_epochs", ppo_epochs, ppo_epochs >= 1, ">= 1"),
-            ("mini_batch_size", mini_batch_size, mini_batch_size is None or mini_batch_size >= 1,
-             ">= 1, or null for the whole rollout"),
-            ("micro_batch_size", micro_batch_size, micro_batch_size >= 1, ">= 1"),
-            ("clip_low", clip_low, 0 < clip_low < 1, "in (0, 1)"),
-            ("clip_high", clip_high, clip_high > 0, "> 0"),
-            ("dual_clip", dual_clip, dual_clip is None or dual_clip > 1, "> 1, or null for off"),
-            ("value_clip", value_clip, value_clip is None or value_clip > 0, "> 0, or null for off"),
-            ("value_loss_coef", value_loss_coef, value_loss_coef >= 0, ">= 0"),
-            ("importance_sampling_cap", importance_sampling_cap,
-             importance_sampling_cap is None or importance_sampling_cap > 0, "> 0, or null for untruncated weights"),
-            ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0, "> 0, or null for off"),
-        ):
-            require(valid, name, value, requirement)
-        if advantage_estimator in adv.GROUP_ESTIMATORS and n_samples_per_prompt < 2:
-            raise ConfigError(f"model.init_args.advantage_estimator={advantage_estimator} compares the samples of "
-                              f"one prompt: set model.init_args.n_samples_per_prompt >= 2 (got "
-                              f"{n_samples_per_prompt}).")
-        with option_errors(model_option("reward_functions"), OSError, ImportError, AttributeError, ValueError,
-                           SyntaxError):
-            self.reward_fns = [(spec, load_reward_fn(spec)) for spec in reward_functions or []]
-        if remote_reward_url:
-            with option_errors(model_option("remote_reward_url"), ValueError):
-                self.reward_fns.append((remote_reward_url, RemoteReward(
-                    remote_reward_url, remote_reward_timeout, remote_reward_retries, remote_reward_batch_size,
-                    remote_reward_max_concurrency)))
-        sources = len(reward_models or []) + len(self.reward_fns)
-        if sources == 0:
-            raise ConfigError("PPO needs a reward: set model.init_args.reward_models, model.init_args.reward_functions "
-                              "or model.init_args.remote_reward_url.")
-        if reward_weights is not None and len(reward_weights) != sources:
-            raise ConfigError(f"model.init_args.reward_weights has {len(reward_weights)} entries for {sources} reward "
-                              f"sources: give one weight per source, in the order reward_models, reward_functions, "
-                              f"remote_reward_url.")
+        check_options(self.hparams)
+        self.reward_fns, self.reward_source_names = reward_sources(self.hparams)
         self.last_samples: list[dict[str, Any]] = []  # read by rlhf_lightning.callbacks.SampleTable
-        self.reward_source_names = source_names(reward_models or [], reward_functions or [], remote_reward_url)
 
     @property
     def uses_critic(self) -> bool:

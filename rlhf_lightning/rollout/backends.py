@@ -77,6 +77,12 @@ class _Ready:
         return self.value
 
 
+def _half_the_cpu_threads() -> None:
+    """On a worker's thread: use half of torch's CPU threads (the trainer's thread keeps its own count), so a worker
+    computing beside the trainer does not oversubscribe the cores."""
+    torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+
+
 class LocalBackend(Backend):
     """Workers are plain objects in the trainer process. Calls run when made; with ``rollout.asynchronous`` each
     worker runs its calls in order on a thread of its own (on a GPU, on a CUDA stream of its own), so that
@@ -91,7 +97,8 @@ class LocalBackend(Backend):
              create: bool) -> Any:
         worker = cls(path, **kwargs)
         if self.config.asynchronous:
-            self.threads[id(worker)] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rollout-{group}")
+            self.threads[id(worker)] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rollout-{group}",
+                                                          initializer=_half_the_cpu_threads)
         return worker
 
     def call(self, worker: Any, method: str, *args: Any, **kwargs: Any) -> _Ready | Future:

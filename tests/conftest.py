@@ -38,6 +38,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sft_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model after a short SFT (the PPO-family tests start from it): it answers with numbers, so
+    number-shaped rewards are learnable."""
+    run_dir = tmp_path_factory.mktemp("sft-for-ppo")
+    run_cli(base_args(run_dir, tiny_model_dir, data=SFT_DATA) + ["--trainer.max_epochs", "2"])
+    return run_dir / "hf"
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import load_weights, metric_series, read_metrics, run_cli
-from test_ppo import assert_reward_rises, rl_args, sft_model_dir  # noqa: F401 -- the fixture is shared
+from test_ppo import assert_reward_rises, rl_args
 
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.generation import response_log_probs, sample_responses
@@ -94,7 +94,7 @@ def async_args(run_dir, model, *extra: str) -> list[str]:
     return rl_args(run_dir, model, "--model.init_args.rollout.asynchronous", "true", *extra)
 
 
-def test_async_grpo_learns_with_one_version_of_lag(tmp_path, sft_model_dir):  # noqa: F811
+def test_async_grpo_learns_with_one_version_of_lag(tmp_path, sft_model_dir):
     """Local backend, generation on its own thread: every update but the first trains on responses of the policy
     one version older (never more), weighted by the truncated importance ratio; the reward still rises."""
     run_dir = tmp_path / "async-grpo"
@@ -107,7 +107,7 @@ def test_async_grpo_learns_with_one_version_of_lag(tmp_path, sft_model_dir):  # 
     assert all(0 <= f < 0.5 for f in metric_series(rows, "train/is_truncated_frac"))
 
 
-def test_async_ppo_with_reference_on_ray(tmp_path, sft_model_dir, monkeypatch):  # noqa: F811
+def test_async_ppo_with_reference_on_ray(tmp_path, sft_model_dir, monkeypatch):
     """Ray actors: the generation actor samples the next batch while the trainer updates; with a reference worker
     (KL in the reward, so the old log-probs get their own pass) and a critic. Lags, weights, finite losses."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import REPO, SFT_DATA, base_args, load_weights, metric_series, read_metrics, run_cli
+from conftest import REPO, base_args, load_weights, metric_series, read_metrics, run_cli
 
 from rlhf_lightning.rollout.engine import Rollout, RolloutConfig, WorkerGroup
 from rlhf_lightning.rollout.rewards import checked_scores, load_reward_fn
@@ -16,14 +16,6 @@ from rlhf_lightning.rollout.rewards import checked_scores, load_reward_fn
 PROMPTS = REPO / "examples" / "data" / "prompts_tiny.jsonl"
 GRPO_CONFIG = REPO / "configs" / "tiny" / "grpo.yaml"
 EVEN = f"{REPO}/examples/reward_fns.py:even_answer"
-
-
-@pytest.fixture(scope="module")
-def sft_model_dir(tmp_path_factory, tiny_model_dir):
-    """The tiny model after a short SFT: it answers with numbers, so number-shaped rewards are learnable."""
-    run_dir = tmp_path_factory.mktemp("sft-for-ppo")
-    run_cli(base_args(run_dir, tiny_model_dir, data=SFT_DATA) + ["--trainer.max_epochs", "2"])
-    return run_dir / "hf"
 
 
 def rl_args(run_dir, model, *extra: str) -> list[str]:

@@ -115,12 +115,12 @@ def kill_generation_actor_at_step_2(prompts, responses, labels):
 '''
 
 
-def killer_run_args(tmp_path: Path, model: Path, max_steps: int, *extra: str,
+def killer_run_args(tmp_path: Path, model: Path, max_steps: int, monkeypatch: pytest.MonkeyPatch, *extra: str,
                     namespace: str = "test-faults") -> list[str]:
     """A short GRPO run on Ray whose reward function kills the generation actor's process during step 2 (the
     actors in ``namespace``: a run stopped by the failure leaves its other actors behind)."""
     (tmp_path / "killer.py").write_text(KILLER)
-    os.environ["KILLER_NAMESPACE"] = namespace
+    monkeypatch.setenv("KILLER_NAMESPACE", namespace)
     return base_args(tmp_path / "run", model, data=PROMPTS, config=REPO / "configs" / "tiny" / "grpo.yaml") + [
         "--trainer.max_steps", str(max_steps), "--data.init_args.batch_size", "2",
         "--model.init_args.n_samples_per_prompt", "2", "--model.init_args.max_new_tokens", "4",
@@ -138,7 +138,7 @@ def test_restarted_generation_actor_gets_the_weights_and_the_run_goes_on(tmp_pat
     killed_at = tmp_path / "killed.json"
     monkeypatch.setenv("KILLED_AT_FILE", str(killed_at))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # an earlier run's teardown may have shut the cluster down
-    run_cli(killer_run_args(tmp_path, tiny_model_dir, 4, "--model.init_args.rollout.max_restarts", "1",
+    run_cli(killer_run_args(tmp_path, tiny_model_dir, 4, monkeypatch, "--model.init_args.rollout.max_restarts", "1",
                             "--model.init_args.rollout.asynchronous", asynchronous))
     rows = read_metrics(tmp_path / "run")
     assert metric_series(rows, "train/policy_version") == [1.0, 2.0, 3.0, 4.0]
@@ -160,8 +160,8 @@ def test_killed_generation_actor_stops_the_run_with_a_checkpoint(tmp_path, tiny_
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # an earlier run's teardown may have shut the cluster down
     run_dir = tmp_path / "run"
     with pytest.raises(RolloutWorkerError) as err:
-        run_cli(killer_run_args(tmp_path, tiny_model_dir, 6, "--model.init_args.rollout.asynchronous", asynchronous,
-                                namespace=f"test-faults-stop-{asynchronous}"))
+        run_cli(killer_run_args(tmp_path, tiny_model_dir, 6, monkeypatch, "--model.init_args.rollout.asynchronous",
+                                asynchronous, namespace=f"test-faults-stop-{asynchronous}"))
     stopped = time.time()
     message = str(err.value)
     assert f"Ray rollout actor 'test-faults-stop-{asynchronous}-generation-0' died" in message, message

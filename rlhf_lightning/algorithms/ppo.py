@@ -10,6 +10,10 @@ One ``training_step`` = one rollout and its updates:
 2. ``ppo_epochs`` × mini-batches × micro-batches of clipped policy (+ value) loss, gradients accumulated over
    micro-batches (DeepSpeed is told where each accumulation window closes).
 
+With ``rollout.asynchronous`` the step scores and trains on the batch sampled during the previous step while the
+generation workers sample this step's batch (:mod:`rlhf_lightning.algorithms.ppo_async`, inherited), each token's
+loss weighted by its truncated importance ratio against the sampler.
+
 Actor and critic train under one optimizer with two parameter groups (DeepSpeed accepts one optimizer), the
 critic with its own ``critic_learning_rate``. With ``kl_coef: 0`` no reference worker is started at all; with
 ``lora`` (and no ``reference_model``) neither: the reference log-probs come from the policy with its adapters

@@ -10,6 +10,10 @@ Step by step (:meth:`RolloutPhase.make_experience`):
 3. launch reference log-probs and reward-model scores together, compute rule rewards and (locally, no grad) the old
    log-probs and values while they run, then wait for both;
 4. score − KL → advantages with the chosen estimator (:func:`rlhf_lightning.advantages.estimate_advantages`).
+
+Sampling (:meth:`RolloutPhase.start_sampling` / :meth:`RolloutPhase.finish_sampling`) and scoring
+(:meth:`RolloutPhase.score_rollout`) are separate calls, so the asynchronous schedule
+(:mod:`rlhf_lightning.algorithms.ppo_async`) can score one batch while the next is sampled.
 """
 
 from __future__ import annotations

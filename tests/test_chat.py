@@ -64,6 +64,9 @@ class Terminal:
         env = child_env({"TERM": "dumb", "OMP_NUM_THREADS": "1"})
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: becomes the command
+            # Ctrl-C must interrupt it as on a user's terminal, also when the suite itself was started in the
+            # background (a non-interactive shell starts `cmd &` with SIGINT ignored, and exec keeps that).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.chdir(REPO)
             os.execvpe(argv[0], argv, env)
         self.pending = ""

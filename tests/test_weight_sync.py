@@ -82,7 +82,9 @@ def kib(field):
 model_dir, mode, bucket_mb = sys.argv[1], sys.argv[2], float(sys.argv[3])
 policy = LlamaForCausalLM.from_pretrained(model_dir)
 rollout = Rollout(RolloutConfig(), model_dir, None, [], {"device": "cpu"}, create=True)
-rollout.push_weights([policy.state_dict()], 1)  # warm the worker's allocator: the measured push allocates afresh
+# Warm-up: a streamed push (the same in both modes), so the first push's one-off allocations (the worker's
+# tensors, lazily built state, allocator arenas) are not counted; a full gather still needs the whole model afresh.
+rollout.push_weights(state_buckets(policy, int(bucket_mb * 2**20), 0), 1)
 open("/proc/self/clear_refs", "w").write("5")  # resets the peak RSS (VmHWM) to the current RSS
 before = kib("VmRSS")
 with torch.no_grad():

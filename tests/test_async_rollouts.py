@@ -123,3 +123,22 @@ def test_async_ppo_with_reference_on_ray(tmp_path, sft_model_dir, monkeypatch):
     assert metric_series(rows, "train/kl")[0] == pytest.approx(0.0, abs=1e-4)  # reference = sampler = policy
     before, after = load_weights(sft_model_dir), load_weights(run_dir / "hf")
     assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+
+
+def test_async_grpo_two_ranks_on_ray_checkpoints_each_ranks_next_batch(tmp_path, sft_model_dir):
+    """Two trainer ranks (ZeRO-2) share the Ray actors, each sampling its own prompts one step ahead; the checkpoint
+    (saved at step 5) holds both ranks' next batches, with their responses."""
+    from conftest import run_cli_subprocess
+
+    run_dir = tmp_path / "async-grpo-2ranks"
+    run_cli_subprocess(async_args(run_dir, sft_model_dir, "--trainer.max_steps", "6", "--trainer.devices", "2",
+                                  "--data.init_args.batch_size", "4", "--model.init_args.micro_batch_size", "16",
+                                  "--model.init_args.rollout.backend", "ray",
+                                  "--model.init_args.rollout.namespace", "test-async-2ranks"))
+    rows = read_metrics(run_dir)
+    assert metric_series(rows, "train/policy_lag") == [0.0] + [1.0] * 5
+    assert all(math.isfinite(v) for v in metric_series(rows, "train/policy_loss"))
+    states = next((run_dir / "checkpoints").glob("*step=5*/**/*model_states.pt"))  # DeepSpeed: rank 0's file
+    pending = torch.load(states, map_location="cpu", weights_only=False)["ppo"]["pending_rollouts"]
+    assert len(pending) == 2 and all(len(p["generated"]["responses"]) == 4 * 4 for p in pending)
+    assert pending[0]["batch"]["prompt_ids"] != pending[1]["batch"]["prompt_ids"]  # each rank its own prompts

@@ -96,10 +96,12 @@ class OneStepOffRollouts:
         rollout.sampling = None
 
     def forget_lost_sampling(self) -> None:
-        """After a worker failure: sampling in flight may have died with it; those batches are sampled again."""
+        """After a worker failure, on every rank: sampling in flight may have died with it, so the batches not yet
+        trained on are sampled again with the current weights, also those whose responses arrived (on some ranks
+        they may have, on others not: every rank must then take the same steps, weight push included)."""
         for rollout in (self.sampled, self.sampling_now):
-            if rollout is not None and rollout.generated is None:
-                rollout.sampling = None
+            if rollout is not None:
+                rollout.sampling, rollout.generated = None, None
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def pending_rollout_state(self) -> list[dict[str, Any] | None]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the test suite on CPU: lint, then pytest. About 20 minutes on 2 cores.
+# Set up (scripts/setup.sh) and run the test suite on CPU: lint, then pytest. About 15 minutes on 2 cores.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k dpo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+from rlhf_lightning.data.collate import IGNORE_INDEX, pad_sequences
 from rlhf_lightning.logprobs import label_log_probs
 
 
@@ -140,17 +141,12 @@ def response_log_probs(model: PreTrainedModel, prompt_ids: list[list[int]], resp
                        temperature: float) -> list[list[float]]:
     """Log-prob of each response token given its prompt (one per row), from one forward pass of ``model``."""
     device = next(model.parameters()).device
-    width = max(len(p) + len(r) for p, r in zip(prompt_ids, responses, strict=True))
-    batch = {"input_ids": torch.zeros(len(responses), width, dtype=torch.long),
-             "attention_mask": torch.zeros(len(responses), width, dtype=torch.long),
-             "labels": torch.full((len(responses), width), -100, dtype=torch.long)}
-    for row, (prompt, response) in enumerate(zip(prompt_ids, responses, strict=True)):
-        ids = torch.tensor(prompt + response)
-        batch["input_ids"][row, :len(ids)], batch["attention_mask"][row, :len(ids)] = ids, 1
-        batch["labels"][row, len(prompt):len(ids)] = torch.tensor(response, dtype=torch.long)
+    rows = list(zip(prompt_ids, responses, strict=True))
+    batch = {"input_ids": pad_sequences([p + r for p, r in rows], 0),
+             "attention_mask": pad_sequences([[1] * (len(p) + len(r)) for p, r in rows], 0),
+             "labels": pad_sequences([[IGNORE_INDEX] * len(p) + r for p, r in rows], IGNORE_INDEX)}
     log_probs = label_log_probs(model, {k: v.to(device) for k, v in batch.items()}, temperature).float().cpu()
-    return [log_probs[row, len(p) - 1:len(p) - 1 + len(r)].tolist()
-            for row, (p, r) in enumerate(zip(prompt_ids, responses, strict=True))]
+    return [log_probs[row, len(p) - 1:len(p) - 1 + len(r)].tolist() for row, (p, r) in enumerate(rows)]
 
 
 def can_share_prefill(n: int, width: int, config: GenerationConfig) -> bool:

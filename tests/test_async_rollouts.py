@@ -142,3 +142,15 @@ def test_async_grpo_two_ranks_on_ray_checkpoints_each_ranks_next_batch(tmp_path,
     pending = torch.load(states, map_location="cpu", weights_only=False)["ppo"]["pending_rollouts"]
     assert len(pending) == 2 and all(len(p["generated"]["responses"]) == 4 * 4 for p in pending)
     assert pending[0]["batch"]["prompt_ids"] != pending[1]["batch"]["prompt_ids"]  # each rank its own prompts
+
+
+def test_resuming_an_asynchronous_checkpoint_synchronously_warns_that_its_next_batch_is_dropped():
+    from rlhf_lightning.algorithms import PPO
+
+    ppo = PPO(model="tiny-llama", reward_functions=["rlhf_lightning.tasks.reverse:exact_match"])
+    state = {"ppo": {"policy_version": 3, "kl": {"value": 0.05}, "rollouts_started": 4,
+                     "pending_rollouts": [{"batch": {"prompt_ids": [[1, 2]]}, "seed": 7, "version": 3,
+                                           "generated": None}]}}
+    with pytest.warns(UserWarning, match="rollout.asynchronous: true to keep it"):
+        ppo.on_load_checkpoint(state)
+    assert ppo.policy_version == 3 and ppo.sampled is None

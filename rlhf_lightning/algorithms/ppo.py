@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rlhf_lightning import advantages as adv
 from rlhf_lightning.advantages import Estimator
@@ -324,4 +324,8 @@ class PPO(OneStepOffRollouts, RolloutPhase, RLHFModule):
         if self.rollout_config.asynchronous:
             self.rollouts_started = state.get("rollouts_started", self.policy_version)
             self.restore_pending_rollout(state.get("pending_rollouts"))
+        elif any(state.get("pending_rollouts") or []):
+            rank_zero_warn("The checkpoint was saved with model.init_args.rollout.asynchronous: true and holds the "
+                           "batch sampled for the next step; this run is synchronous, so that batch is not trained "
+                           "on. Resume with rollout.asynchronous: true to keep it.")
         rank_zero_info(f"Restored PPO state: policy version {self.policy_version}, KL coef {self.kl_controller.value}")

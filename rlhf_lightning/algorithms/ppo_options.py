@@ -12,7 +12,6 @@ from rlhf_lightning.algorithms.base import model_option, option_errors, require
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.rollout.rewards import RemoteReward, RewardFn, load_reward_fn, source_names
 
-OPTIONAL = ", or null for "
 # (option, valid(value), requirement), cheapest first; checks across objects are in PPO.check_config.
 RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("n_samples_per_prompt", lambda v: v >= 1, ">= 1"),
@@ -21,23 +20,23 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("remote_reward_timeout", lambda v: v > 0, "> 0 seconds"),
-    ("reward_clip", lambda v: v is None or v > 0, "> 0" + OPTIONAL + "no clipping"),
+    ("reward_clip", lambda v: v is None or v > 0, "> 0, or null for no clipping"),
     ("kl_coef", lambda v: v >= 0, ">= 0"),
-    ("kl_target", lambda v: v is None or v > 0, "> 0" + OPTIONAL + "a fixed kl_coef"),
+    ("kl_target", lambda v: v is None or v > 0, "> 0, or null for a fixed kl_coef"),
     ("kl_horizon", lambda v: v >= 1, ">= 1"),
-    ("critic_learning_rate", lambda v: v is None or v > 0, "> 0" + OPTIONAL + "the optimizer's"),
+    ("critic_learning_rate", lambda v: v is None or v > 0, "> 0, or null for the optimizer's"),
     ("gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("lam", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("ppo_epochs", lambda v: v >= 1, ">= 1"),
-    ("mini_batch_size", lambda v: v is None or v >= 1, ">= 1" + OPTIONAL + "the whole rollout"),
+    ("mini_batch_size", lambda v: v is None or v >= 1, ">= 1, or null for the whole rollout"),
     ("micro_batch_size", lambda v: v >= 1, ">= 1"),
     ("clip_low", lambda v: 0 < v < 1, "in (0, 1)"),
     ("clip_high", lambda v: v > 0, "> 0"),
-    ("dual_clip", lambda v: v is None or v > 1, "> 1" + OPTIONAL + "off"),
-    ("value_clip", lambda v: v is None or v > 0, "> 0" + OPTIONAL + "off"),
+    ("dual_clip", lambda v: v is None or v > 1, "> 1, or null for off"),
+    ("value_clip", lambda v: v is None or v > 0, "> 0, or null for off"),
     ("value_loss_coef", lambda v: v >= 0, ">= 0"),
-    ("importance_sampling_cap", lambda v: v is None or v > 0, "> 0" + OPTIONAL + "untruncated weights"),
-    ("max_grad_norm", lambda v: v is None or v > 0, "> 0" + OPTIONAL + "off"),
+    ("importance_sampling_cap", lambda v: v is None or v > 0, "> 0, or null for untruncated weights"),
+    ("max_grad_norm", lambda v: v is None or v > 0, "> 0, or null for off"),
 )
 
 
